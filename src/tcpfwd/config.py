@@ -1,0 +1,493 @@
+"""Configuration: TOML files and quick-mode arguments become frozen, typed objects.
+
+Every problem is collected with the key path where it was found
+(``services.smtp.backends[1]``) so that one run of ``tcpfwd check`` reports them all.
+Defaults live in the dataclass fields below and nowhere else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(Exception):
+    """Every problem found in one configuration source."""
+
+    def __init__(self, source: str, issues: Sequence[ConfigIssue]) -> None:
+        self.source = source
+        self.issues = tuple(issues)
+        super().__init__(self.report())
+
+    def report(self) -> str:
+        return "\n".join(f"{self.source}: {issue}" for issue in self.issues)
+
+
+class _Invalid(ValueError):
+    """Raised by value parsers; the reader attaches the key path."""
+
+
+# --- addresses ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host (name, IPv4 or IPv6 literal, or "" for every interface) and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return format_hostport(self.host, self.port)
+
+
+def format_hostport(host: str, port: int) -> str:
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host or '*'}:{port}"
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
+
+
+def parse_address(
+    text: object, *, allow_any_host: bool = False, allow_port_zero: bool = False
+) -> Address:
+    """Parse ``host:port``, ``[v6]:port`` and, for listeners, ``*:port`` or ``:port``."""
+    if not isinstance(text, str):
+        raise _Invalid(f"expected a string like 'host:port', got {_kind(text)}")
+    text = text.strip()
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or not text[close + 1 :].startswith(":"):
+            raise _Invalid(f"{text!r} is not '[ipv6]:port'")
+        host, port_text = text[1:close], text[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise _Invalid(f"{host!r} in {text!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise _Invalid(f"{text!r} has no port: write 'host:port'")
+        if ":" in host:
+            raise _Invalid(f"{text!r}: write IPv6 addresses in brackets, like '[::1]:25'")
+        if host in ("", "*"):
+            if not allow_any_host:
+                raise _Invalid(f"{text!r} has no host")
+            host = ""
+        elif not _HOSTNAME.match(host):
+            raise _Invalid(f"{host!r} in {text!r} is not a valid host name or address")
+    if not port_text.isdigit():
+        raise _Invalid(f"port {port_text!r} in {text!r} is not a number")
+    port = int(port_text)
+    lowest = 0 if allow_port_zero else 1
+    if not lowest <= port <= 65535:
+        raise _Invalid(f"port {port} in {text!r} is out of range {lowest}-65535")
+    return Address(host, port)
+
+
+# --- value parsers --------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``"1.5s"``, ``"300ms"``, ``"2m"``, ``"1h"`` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise _Invalid(f"expected a duration like '2s', got {_kind(value)}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise _Invalid(f"{value!r} is not a duration: write e.g. '1.5s', '300ms', '2m'")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise _Invalid(f"expected a duration like '2s', got {_kind(value)}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise _Invalid(f"{value!r} is not a non-negative duration")
+    return seconds
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise _Invalid(f"{value!r} must be longer than zero")
+    return seconds
+
+
+def _optional_duration(value: object) -> float | None:
+    """A duration, where ``"off"``, ``false`` or zero switches the timer off."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    seconds = parse_duration(value)
+    return seconds or None
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bool):
+        raise _Invalid(f"expected a size like '64KiB', got {_kind(value)}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise _Invalid(f"{value!r} is not a size: write e.g. 65536, '64KiB', '1MiB'")
+        unit = (match.group(2) or "").lower()[:1]
+        size = int(match.group(1)) * _SIZE_UNITS[unit]
+    else:
+        raise _Invalid(f"expected a size like '64KiB', got {_kind(value)}")
+    if size < 1024 or size > 64 * 1024**2:
+        raise _Invalid(f"{value!r} must be between 1KiB and 64MiB")
+    return size
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _int_between(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected a whole number, got {_kind(value)}")
+        if not low <= value <= high:
+            raise _Invalid(f"{value} is out of range {low}-{high}")
+        return value
+
+    return parse
+
+
+def _choice(options: Sequence[str]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or value not in options:
+            raise _Invalid(f"{value!r} is not one of: {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _ip_address(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected an IP address, got {_kind(value)}")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _Invalid(f"{value!r} is not an IP address") from None
+
+
+def _kind(value: object) -> str:
+    names = {str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    names |= {list: "a list", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+# --- the configuration objects --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    name: str
+    address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """What a service can set for itself, or inherit from ``[defaults]``."""
+
+    connect_timeout: float = 2.0
+    # Bounds the whole failover sequence for one client; None: only per-attempt timeouts.
+    failover_timeout: float | None = 30.0
+    idle_timeout: float | None = None
+    keepalive: bool = True
+    keepalive_idle: float = 60.0
+    keepalive_interval: float = 10.0
+    keepalive_count: int = 6
+    nodelay: bool = True
+    # Per direction: how much may wait in user space before the other side is paused.
+    buffer_size: int = 256 * 1024
+    source_address: str | None = None
+    backlog: int = 511
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    listen: tuple[Address, ...]
+    backends: tuple[BackendConfig, ...]
+    settings: ServiceSettings = field(default_factory=ServiceSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    services: tuple[ServiceConfig, ...]
+    grace_period: float = 30.0
+    log_format: str = "text"
+    log_level: str = "info"
+    source: str = "<defaults>"
+
+
+# Parsers for the service settings, by key; the dataclass above holds the defaults.
+_SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
+    "connect_timeout": _positive_duration,
+    "failover_timeout": _optional_duration,
+    "idle_timeout": _optional_duration,
+    "keepalive": _boolean,
+    "keepalive_idle": _positive_duration,
+    "keepalive_interval": _positive_duration,
+    "keepalive_count": _int_between(1, 127),
+    "nodelay": _boolean,
+    "buffer_size": _size,
+    "source_address": _ip_address,
+    "backlog": _int_between(1, 65535),
+}
+assert set(_SETTING_PARSERS) == {f.name for f in fields(ServiceSettings)}
+
+_GLOBAL_PARSERS: dict[str, Callable[[object], Any]] = {
+    "grace_period": parse_duration,
+    "log_format": _choice(LOG_FORMATS),
+    "log_level": _choice(LOG_LEVELS),
+}
+
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Table:
+    """Reads one TOML table, recording every problem under its key path."""
+
+    def __init__(self, raw: Mapping[str, object], path: str, issues: list[ConfigIssue]) -> None:
+        self.raw = raw
+        self.path = path
+        self.issues = issues
+        self._seen: set[str] = set()
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def has(self, key: str) -> bool:
+        self._seen.add(key)
+        return key in self.raw
+
+    def take(self, key: str, parse: Callable[[object], T], default: T) -> T:
+        if not self.has(key):
+            return default
+        return self.parse_at(self.key_path(key), self.raw[key], parse, default)
+
+    def parse_at(self, path: str, value: object, parse: Callable[[object], T], default: T) -> T:
+        try:
+            return parse(value)
+        except _Invalid as error:
+            self.issues.append(ConfigIssue(path, str(error)))
+            return default
+
+    def subtable(self, key: str) -> _Table | None:
+        if not self.has(key):
+            return None
+        value = self.raw[key]
+        if not isinstance(value, dict):
+            self.issues.append(
+                ConfigIssue(self.key_path(key), f"expected a table, got {_kind(value)}")
+            )
+            return None
+        return _Table(value, self.key_path(key), self.issues)
+
+    def reject_unknown(self) -> None:
+        for key in self.raw:
+            if key not in self._seen:
+                self.issues.append(ConfigIssue(self.key_path(key), "unknown key"))
+
+
+def _read_settings(table: _Table | None, base: ServiceSettings) -> ServiceSettings:
+    if table is None:
+        return base
+    changes = {
+        key: table.take(key, parse, getattr(base, key)) for key, parse in _SETTING_PARSERS.items()
+    }
+    return replace(base, **changes)
+
+
+def _read_backend(table: _Table, path: str, value: object) -> BackendConfig | None:
+    if isinstance(value, str):
+        address = table.parse_at(path, value, parse_address, None)
+        return BackendConfig(str(address), address) if address else None
+    if not isinstance(value, dict):
+        table.issues.append(
+            ConfigIssue(path, f"expected 'host:port' or a table, got {_kind(value)}")
+        )
+        return None
+    entry = _Table(value, path, table.issues)
+    if not entry.has("address"):
+        table.issues.append(ConfigIssue(path, "missing key 'address'"))
+        entry.reject_unknown()
+        return None
+    address = entry.take("address", parse_address, None)
+    name = entry.take("name", _name, str(address) if address else "")
+    entry.reject_unknown()
+    return BackendConfig(name, address) if address else None
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str) or not _SERVICE_NAME.match(value):
+        raise _Invalid(
+            f"{value!r} is not a valid name (letters, digits, '_', '-', '.'; at most 64)"
+        )
+    return value
+
+
+def _read_list(table: _Table, key: str) -> list[object]:
+    if not table.has(key):
+        table.issues.append(ConfigIssue(table.key_path(key), "missing (at least one is needed)"))
+        return []
+    value = table.raw[key]
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        table.issues.append(ConfigIssue(table.key_path(key), "expected a non-empty list"))
+        return []
+    return value
+
+
+def _read_service(name: str, table: _Table, defaults: ServiceSettings) -> ServiceConfig | None:
+    if not _SERVICE_NAME.match(name):
+        table.issues.append(ConfigIssue(table.path, "service names use letters, digits, '_-.'"))
+    listen_path = table.key_path("listen")
+    listen: list[Address] = []
+    raw_listen = _read_list(table, "listen")
+    for i, value in enumerate(raw_listen):
+        path = f"{listen_path}[{i}]" if len(raw_listen) > 1 else listen_path
+        parsed = table.parse_at(path, value, _listen_address, None)
+        if parsed is None:
+            continue
+        if parsed in listen:
+            table.issues.append(ConfigIssue(path, f"{parsed} is listed twice"))
+        listen.append(parsed)
+    backends: list[BackendConfig] = []
+    raw_backends = _read_list(table, "backends")
+    for i, value in enumerate(raw_backends):
+        path = f"{table.key_path('backends')}[{i}]"
+        backend = _read_backend(table, path, value)
+        if backend is None:
+            continue
+        if any(b.name == backend.name for b in backends):
+            table.issues.append(ConfigIssue(path, f"backend name {backend.name!r} is used twice"))
+        backends.append(backend)
+    settings = _read_settings(table, defaults)
+    table.reject_unknown()
+    if not listen or len(backends) != len(raw_backends) or not backends:
+        return None
+    return ServiceConfig(name, tuple(listen), tuple(backends), settings)
+
+
+def _listen_address(value: object) -> Address:
+    return parse_address(value, allow_any_host=True, allow_port_zero=True)
+
+
+def parse_config(data: Mapping[str, object], source: str) -> Config:
+    """Validate a decoded TOML document; raise ConfigError listing every problem."""
+    issues: list[ConfigIssue] = []
+    root = _Table(data, "", issues)
+    globals_table = root.subtable("global")
+    global_values: dict[str, Any] = {}
+    if globals_table is not None:
+        for key, parse in _GLOBAL_PARSERS.items():
+            if globals_table.has(key):
+                global_values[key] = globals_table.take(key, parse, None)
+        globals_table.reject_unknown()
+    defaults_table = root.subtable("defaults")
+    defaults = _read_settings(defaults_table, ServiceSettings())
+    if defaults_table is not None:
+        defaults_table.reject_unknown()
+    services: list[ServiceConfig] = []
+    services_table = root.subtable("services")
+    if services_table is None:
+        if not root.has("services"):
+            issues.append(ConfigIssue("services", "no service is defined"))
+    else:
+        for name in services_table.raw:
+            service_table = services_table.subtable(name)
+            if service_table is None:
+                continue
+            service = _read_service(name, service_table, defaults)
+            if service is not None:
+                services.append(service)
+        if not services_table.raw:
+            issues.append(ConfigIssue("services", "no service is defined"))
+    root.reject_unknown()
+    _check_listen_conflicts(services, issues)
+    if issues:
+        raise ConfigError(source, issues)
+    return Config(
+        services=tuple(services),
+        source=source,
+        **{k: v for k, v in global_values.items() if v is not None},
+    )
+
+
+def _check_listen_conflicts(services: Sequence[ServiceConfig], issues: list[ConfigIssue]) -> None:
+    owners: dict[Address, str] = {}
+    for service in services:
+        for i, address in enumerate(service.listen):
+            if address.port == 0:
+                continue
+            other = owners.setdefault(address, service.name)
+            if other != service.name:
+                issues.append(
+                    ConfigIssue(
+                        f"services.{service.name}.listen[{i}]",
+                        f"{address} is already used by service {other!r}",
+                    )
+                )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML file; raise ConfigError naming the file and every problem."""
+    source = str(path)
+    try:
+        with open(path, "rb") as stream:
+            data = tomllib.load(stream)
+    except OSError as error:
+        raise ConfigError(source, [ConfigIssue("", f"cannot read: {error.strerror}")]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(source, [ConfigIssue("", f"not valid TOML: {error}")]) from None
+    return parse_config(data, source)
+
+
+def quick_config(
+    listen: str,
+    backends: Sequence[str],
+    *,
+    settings: Mapping[str, object] | None = None,
+    global_settings: Mapping[str, object] | None = None,
+) -> Config:
+    """The config of ``tcpfwd LISTEN BACKEND...``: one service named ``default``."""
+    service: dict[str, object] = {"listen": [listen], "backends": list(backends)}
+    service.update(settings or {})
+    document: dict[str, object] = {"services": {"default": service}}
+    if global_settings:
+        document["global"] = dict(global_settings)
+    return parse_config(document, "command line")

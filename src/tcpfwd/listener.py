@@ -1,0 +1,149 @@
+"""Listening sockets and the accept loop.
+
+The accept loop is ours rather than the event loop's ``create_server`` so that running
+out of file descriptors is handled here: the listening socket stays readable while the
+queue is full, so on EMFILE/ENFILE we stop watching it and come back after a pause that
+grows while the shortage lasts, instead of spinning on it or closing it. Later checks
+that must run before a connection costs anything (access control, limits) belong here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from .config import Address, format_hostport
+
+log = logging.getLogger("tcpfwd")
+
+# How many connections one readiness event may accept before other work gets a turn.
+ACCEPT_BATCH = 64
+# Pause after running out of descriptors: doubles while the shortage lasts, up to the max.
+FD_SHORTAGE_PAUSE = 0.05
+FD_SHORTAGE_MAX_PAUSE = 1.0
+_FD_SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Errors about one connection that died in the queue: skip it, keep accepting.
+_PER_CONNECTION = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
+
+
+class ListenError(Exception):
+    """A listening socket could not be opened; the message is for the operator."""
+
+
+def open_listening_sockets(address: Address, backlog: int) -> list[socket.socket]:
+    """Bind every address ``address`` stands for (all interfaces, or each a name has)."""
+    host = address.host or None
+    try:
+        infos = socket.getaddrinfo(
+            host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise ListenError(f"cannot listen on {address}: {error.strerror}") from None
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, _type, proto, _name, sockaddr in infos:
+            if (family, sockaddr[0]) in seen:
+                continue
+            seen.add((family, sockaddr[0]))
+            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # One socket per family, as for 0.0.0.0 and :: side by side.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sockaddr)
+                sock.listen(backlog)
+            except OSError as error:
+                shown = format_hostport(str(sockaddr[0]), address.port)
+                raise ListenError(f"cannot listen on {shown}: {error.strerror}") from None
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class Listener:
+    """Accepts connections on one bound socket and hands each to ``on_connection``."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_connection: Callable[[Listener, socket.socket, tuple[str, int]], None],
+    ) -> None:
+        self.sock = sock
+        self._on_connection = on_connection
+        sockname = sock.getsockname()
+        self.name = format_hostport(str(sockname[0]), int(sockname[1]))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watching = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._pause = FD_SHORTAGE_PAUSE
+        self._last_shortage_log = 0.0
+        self.closed = False
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._watch()
+
+    def _watch(self) -> None:
+        self._retry = None
+        if self.closed or self._loop is None:
+            return
+        self._loop.add_reader(self.sock.fileno(), self._accept_ready)
+        self._watching = True
+
+    def _accept_ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:
+                if error.errno in _FD_SHORTAGE:
+                    self._pause_for_shortage(error)
+                    return
+                if error.errno in _PER_CONNECTION:
+                    continue
+                log.error("accept on %s failed: %s", self.name, error)
+                self._pause_for_shortage(error)
+                return
+            conn.setblocking(False)
+            try:
+                self._on_connection(self, conn, (str(peer[0]), int(peer[1])))
+            except Exception:
+                log.exception("connection from %s on %s could not be started", peer, self.name)
+                conn.close()
+        self._pause = FD_SHORTAGE_PAUSE
+
+    def _pause_for_shortage(self, error: OSError) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(self.sock.fileno())
+        self._watching = False
+        now = time.monotonic()
+        if now - self._last_shortage_log >= 10.0:
+            self._last_shortage_log = now
+            log.warning(
+                "accept on %s paused: %s; new connections wait in the queue", self.name, error
+            )
+        self._retry = self._loop.call_later(self._pause, self._watch)
+        self._pause = min(self._pause * 2, FD_SHORTAGE_MAX_PAUSE)
+
+    def close(self) -> None:
+        """Stop accepting; connections already accepted are not touched."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._watching and self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            self._watching = False
+        self.sock.close()
