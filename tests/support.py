@@ -1,0 +1,333 @@
+"""Test peers and a handle on a real ``tcpfwd`` child process.
+
+Everything here uses real sockets on loopback. Backends run in threads with blocking
+sockets so that a test reads top to bottom; each starts in one line and stops itself
+at the end of a ``with`` block, like aiosmtpd's controller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT = 15.0
+
+
+# --- backends ---------------------------------------------------------------------------
+
+
+class ThreadedServer:
+    """A listening socket on loopback whose connections are each handled in a thread."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], host: str = LOOPBACK) -> None:
+        self._handler = handler
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(512)
+        self.host = host
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def __enter__(self) -> ThreadedServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _peer = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._conns.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            self._handler(conn)
+        with contextlib.suppress(OSError):
+            conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+        self._thread.join(timeout=5)
+
+
+def echo_handler(greeting: bytes = b"") -> Callable[[socket.socket], None]:
+    """Send ``greeting``, echo everything until EOF, then half-close back."""
+
+    def handle(conn: socket.socket) -> None:
+        if greeting:
+            conn.sendall(greeting)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        # Wait for the other side to finish before closing, so no RST is sent.
+        conn.settimeout(10)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    return handle
+
+
+def echo_server(greeting: bytes = b"", host: str = LOOPBACK) -> ThreadedServer:
+    return ThreadedServer(echo_handler(greeting), host)
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[str]:
+    """An address where nothing listens: the port is held (bound, never listening)."""
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    try:
+        yield f"{LOOPBACK}:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def blackhole() -> Iterator[str]:
+    """An address where connects hang: a listener whose accept queue is full.
+
+    With ``listen(0)`` the kernel queues one connection; once that one is waiting,
+    further SYNs are dropped and a connect times out, as it would to a blackholed host.
+    """
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    sock.listen(0)
+    address = (LOOPBACK, sock.getsockname()[1])
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(8):
+            filler = socket.socket()
+            filler.settimeout(0.2)
+            fillers.append(filler)
+            try:
+                filler.connect(address)
+            except OSError:
+                break
+        else:
+            raise RuntimeError("the accept queue never filled up")
+        yield f"{address[0]}:{address[1]}"
+    finally:
+        for filler in fillers:
+            filler.close()
+        sock.close()
+
+
+# --- clients ----------------------------------------------------------------------------
+
+
+def connect(address: tuple[str, int], timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def recv_all(sock: socket.socket, limit: int = 1 << 30) -> bytes:
+    """Read until EOF (raises on reset or timeout)."""
+    chunks: list[bytes] = []
+    total = 0
+    while total < limit:
+        data = sock.recv(65536)
+        if not data:
+            break
+        chunks.append(data)
+        total += len(data)
+    return b"".join(chunks)
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise EOFError(f"EOF after {len(data)} of {count} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def exchange(address: tuple[str, int], payload: bytes, timeout: float = 10.0) -> bytes:
+    """Connect, send ``payload``, half-close, and return everything received until EOF."""
+    with connect(address, timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+# --- the tcpfwd process ----------------------------------------------------------------
+
+_LISTENING = re.compile(r"listening on (\S+) for service ([\w.-]+)")
+
+
+def parse_logfmt(line: str) -> dict[str, str]:
+    """Fields of a text access line (``key=value`` words after the timestamp)."""
+    fields: dict[str, str] = {}
+    for word in line.split()[1:]:
+        key, _, value = word.partition("=")
+        fields[key] = value
+    return fields
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Tcpfwd:
+    """A running ``python -m tcpfwd`` child process and what it has written."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        cwd: Path | None = None,
+        wait_ready: bool = True,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        self.args = list(args)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tcpfwd", *self.args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env=env,
+            preexec_fn=preexec_fn,
+        )
+        self.access: list[str] = []
+        self.events: list[str] = []
+        self.listening: dict[str, list[tuple[str, int]]] = {}
+        self._changed = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.process.stdout, self.access), daemon=True),
+            threading.Thread(target=self._read, args=(self.process.stderr, self.events), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        if wait_ready:
+            self.wait_for_event("ready:", START_TIMEOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read(self, stream: Any, into: list[str]) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            with self._changed:
+                into.append(line)
+                match = _LISTENING.search(line)
+                if match and into is self.events:
+                    self.listening.setdefault(match.group(2), []).append(
+                        split_hostport(match.group(1))
+                    )
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def address(self, service: str = "default") -> tuple[str, int]:
+        return self.listening[service][0]
+
+    def wait_for_event(self, text: str, timeout: float = 10.0) -> str:
+        return self._wait(lambda: next((e for e in self.events if text in e), None), timeout, text)
+
+    def wait_for_access(self, count: int, timeout: float = 10.0) -> list[str]:
+        self._wait(lambda: len(self.access) >= count or None, timeout, f"{count} access lines")
+        return list(self.access)
+
+    def access_records(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        lines = self.wait_for_access(count, timeout)
+        return [json.loads(line) if line.startswith("{") else parse_logfmt(line) for line in lines]
+
+    def _wait(self, found: Callable[[], Any], timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                result = found()
+                if result:
+                    return result
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.process.poll() is not None and not found()):
+                    if self.process.poll() is not None:
+                        time.sleep(0.1)
+                        result = found()
+                        if result:
+                            return result
+                    raise AssertionError(
+                        f"tcpfwd: no {what!r} after {timeout}s; exit={self.process.poll()}\n"
+                        + "\n".join(self.events[-20:])
+                    )
+                self._changed.wait(min(remaining, 0.2))
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        code = self.process.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout=5)
+        return code
+
+    def stop(self, timeout: float = 15.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.wait(5)
+            raise
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)

@@ -1,0 +1,179 @@
+"""Bytes both ways, unchanged, with flow control and half-close, through a real tcpfwd."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from support import ThreadedServer, connect, echo_server, recv_all, recv_exactly
+
+RST_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+def test_client_half_close_reaches_backend_which_can_still_answer(run_tcpfwd):
+    def answer_after_eof(conn: socket.socket) -> None:
+        request = recv_all(conn)
+        conn.sendall(b"got " + request)
+        conn.shutdown(socket.SHUT_WR)
+
+    with ThreadedServer(answer_after_eof) as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", backend.address)
+        with connect(proxy.address()) as client:
+            client.sendall(b"question")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"got question"
+        (record,) = proxy.access_records(1)
+        assert record["end"] == "client_closed"
+
+
+def test_backend_half_close_reaches_client_which_can_still_send(run_tcpfwd):
+    received: list[bytes] = []
+
+    def speak_then_listen(conn: socket.socket) -> None:
+        conn.sendall(b"bye")
+        conn.shutdown(socket.SHUT_WR)
+        received.append(recv_all(conn))
+
+    with ThreadedServer(speak_then_listen) as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", backend.address)
+        with connect(proxy.address()) as client:
+            assert recv_all(client) == b"bye"
+            client.sendall(b"still talking after your EOF")
+            client.shutdown(socket.SHUT_WR)
+            proxy.access_records(1)
+        assert received == [b"still talking after your EOF"]
+        (record,) = proxy.access_records(1)
+        assert record["end"] == "backend_closed"
+
+
+def test_backend_reset_closes_the_client_promptly(run_tcpfwd):
+    def reset(conn: socket.socket) -> None:
+        conn.recv(10)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST_ON_CLOSE)
+        conn.close()
+
+    with ThreadedServer(reset) as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", backend.address)
+        with connect(proxy.address(), timeout=3) as client:
+            client.sendall(b"x")
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionResetError):
+                assert recv_all(client) == b""
+            assert time.monotonic() - started < 2
+        (record,) = proxy.access_records(1)
+        assert record["end"] == "backend_reset"
+
+
+def test_client_reset_closes_the_backend_promptly(run_tcpfwd):
+    backend_saw_end = threading.Event()
+
+    def wait_for_end(conn: socket.socket) -> None:
+        conn.sendall(b"hello")
+        with contextlib.suppress(OSError):
+            recv_all(conn)
+        backend_saw_end.set()
+
+    with ThreadedServer(wait_for_end) as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", backend.address)
+        client = connect(proxy.address())
+        assert recv_exactly(client, 5) == b"hello"
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST_ON_CLOSE)
+        client.close()
+        assert backend_saw_end.wait(2)
+        (record,) = proxy.access_records(1)
+        assert record["end"] == "client_reset"
+
+
+def test_random_data_over_many_parallel_sessions_arrives_intact(run_tcpfwd):
+    with echo_server() as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", backend.address)
+        address = proxy.address()
+
+        def roundtrip(seed: int) -> bool:
+            payload = os.urandom(512 * 1024 + seed)
+            with connect(address, timeout=30) as client:
+                sender = threading.Thread(
+                    target=lambda: (client.sendall(payload), client.shutdown(socket.SHUT_WR))
+                )
+                sender.start()
+                echoed = recv_all(client)
+                sender.join()
+            return hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+
+        with ThreadPoolExecutor(max_workers=40) as pool:
+            results = list(pool.map(roundtrip, range(80)))
+        assert all(results)
+        records = proxy.access_records(80)
+        assert all(r["end"] == "client_closed" for r in records)
+
+
+def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded(run_tcpfwd):
+    total = 1 << 30
+    block = os.urandom(1 << 20)
+
+    def firehose(conn: socket.socket) -> None:
+        for _ in range(total // len(block)):
+            conn.sendall(block)
+        conn.shutdown(socket.SHUT_WR)
+
+    with ThreadedServer(firehose) as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", backend.address)
+        baseline = proxy.rss_bytes()
+        peak = baseline
+        digest = hashlib.sha256()
+        received = 0
+        with connect(proxy.address(), timeout=60) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+            next_stall = 0
+            while True:
+                if received >= next_stall:
+                    # Stop reading for a while: the backend keeps pushing at full speed.
+                    time.sleep(0.25)
+                    peak = max(peak, proxy.rss_bytes())
+                    next_stall += 128 << 20
+                data = client.recv(1 << 20)
+                if not data:
+                    break
+                digest.update(data)
+                received += len(data)
+        assert received == total
+        expected = hashlib.sha256()
+        for _ in range(total // len(block)):
+            expected.update(block)
+        assert digest.digest() == expected.digest()
+        assert peak - baseline < 48 * 1024 * 1024, f"RSS grew by {(peak - baseline) >> 20} MiB"
+
+
+def test_idle_session_is_closed_after_idle_timeout(run_tcpfwd):
+    with echo_server() as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", backend.address, "--idle-timeout", "400ms")
+        with connect(proxy.address(), timeout=5) as client:
+            client.sendall(b"x")
+            assert recv_exactly(client, 1) == b"x"
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionResetError):
+                assert recv_all(client) == b""
+            waited = time.monotonic() - started
+        assert 0.3 <= waited < 2.0
+        (record,) = proxy.access_records(1)
+        assert record["end"] == "idle_timeout"
+
+
+def test_active_session_outlives_idle_timeout(run_tcpfwd):
+    with echo_server() as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", backend.address, "--idle-timeout", "400ms")
+        with connect(proxy.address(), timeout=5) as client:
+            for _ in range(12):
+                client.sendall(b"tick")
+                assert recv_exactly(client, 4) == b"tick"
+                time.sleep(0.1)
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b""
+        (record,) = proxy.access_records(1)
+        assert record["end"] == "client_closed"
