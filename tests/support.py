@@ -218,11 +218,12 @@ class Tcpfwd:
         cwd: Path | None = None,
         wait_ready: bool = True,
         preexec_fn: Callable[[], None] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.args = list(args)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tcpfwd", *self.args],
+            [*prefix, sys.executable, "-m", "tcpfwd", *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -235,8 +236,12 @@ class Tcpfwd:
         self.listening: dict[str, list[tuple[str, int]]] = {}
         self._changed = threading.Condition()
         self._readers = [
-            threading.Thread(target=self._read, args=(self.process.stdout, self.access), daemon=True),
-            threading.Thread(target=self._read, args=(self.process.stderr, self.events), daemon=True),
+            threading.Thread(
+                target=self._read, args=(self.process.stdout, self.access), daemon=True
+            ),
+            threading.Thread(
+                target=self._read, args=(self.process.stderr, self.events), daemon=True
+            ),
         ]
         for reader in self._readers:
             reader.start()

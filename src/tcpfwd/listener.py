@@ -87,6 +87,7 @@ class Listener:
         self._retry: asyncio.TimerHandle | None = None
         self._pause = FD_SHORTAGE_PAUSE
         self._last_shortage_log = 0.0
+        self._held = False
         self.closed = False
 
     def start(self) -> None:
@@ -95,13 +96,30 @@ class Listener:
 
     def _watch(self) -> None:
         self._retry = None
-        if self.closed or self._loop is None:
+        if self.closed or self._held or self._watching or self._loop is None:
             return
         self._loop.add_reader(self.sock.fileno(), self._accept_ready)
         self._watching = True
 
+    def _unwatch(self) -> None:
+        if self._watching and self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+        self._watching = False
+
+    def hold(self) -> None:
+        """Stop accepting for now: new connections wait in the kernel's queue."""
+        self._held = True
+        self._unwatch()
+
+    def release(self) -> None:
+        self._held = False
+        if self._retry is None:
+            self._watch()
+
     def _accept_ready(self) -> None:
         for _ in range(ACCEPT_BATCH):
+            if self._held or self.closed:
+                return
             try:
                 conn, peer = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -125,8 +143,7 @@ class Listener:
 
     def _pause_for_shortage(self, error: OSError) -> None:
         assert self._loop is not None
-        self._loop.remove_reader(self.sock.fileno())
-        self._watching = False
+        self._unwatch()
         now = time.monotonic()
         if now - self._last_shortage_log >= 10.0:
             self._last_shortage_log = now
@@ -143,7 +160,5 @@ class Listener:
         self.closed = True
         if self._retry is not None:
             self._retry.cancel()
-        if self._watching and self._loop is not None:
-            self._loop.remove_reader(self.sock.fileno())
-            self._watching = False
+        self._unwatch()
         self.sock.close()

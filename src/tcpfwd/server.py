@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import socket
+import time
 from collections.abc import Callable
 
 from .accesslog import AccessLog
@@ -24,6 +26,26 @@ log = logging.getLogger("tcpfwd")
 __all__ = ["ListenError", "Server", "run"]
 
 
+def session_capacity() -> int:
+    """How many sessions the descriptor limit allows, after raising it as far as it goes.
+
+    Each session holds two descriptors. Past this many we stop accepting, so extra
+    clients wait in the kernel's queue rather than being accepted and then dropped for
+    want of a descriptor towards the backend. A reserve stays free for listeners,
+    logs, resolver and checks.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    reserve = 32 + soft // 20
+    return max(1, (soft - reserve) // 2)
+
+
 class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -31,6 +53,9 @@ class Server:
         self.listeners: list[Listener] = []
         self.sessions: set[Session] = set()
         self._services: dict[Listener, ServiceRuntime] = {}
+        self.capacity = session_capacity()
+        self._at_capacity = False
+        self._last_capacity_log = 0.0
         self._stop_requests = 0
         self._stopping: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
@@ -57,9 +82,24 @@ class Server:
         session = Session(self._services[listener], listener.name, sock, peer)
         self.sessions.add(session)
         session.start(self._session_done)
+        if len(self.sessions) >= self.capacity and not self._at_capacity:
+            self._at_capacity = True
+            for each in self.listeners:
+                each.hold()
+            now = time.monotonic()
+            if now - self._last_capacity_log >= 10.0:
+                self._last_capacity_log = now
+                log.warning(
+                    "%d sessions: descriptor limit reached; new connections wait in the queue",
+                    len(self.sessions),
+                )
 
     def _session_done(self, session: Session) -> None:
         self.sessions.discard(session)
+        if self._at_capacity and len(self.sessions) < self.capacity:
+            self._at_capacity = False
+            for listener in self.listeners:
+                listener.release()
         if not self.sessions and self._idle is not None:
             self._idle.set()
 
@@ -91,9 +131,10 @@ class Server:
             service = self._services[listener]
             log.info("listening on %s for service %s", listener.name, service.name)
         log.info(
-            "ready: %d listening sockets, %d services",
+            "ready: %d listening sockets, %d services, up to %d sessions",
             len(self.listeners),
             len(self.config.services),
+            self.capacity,
         )
         if on_ready is not None:
             on_ready()

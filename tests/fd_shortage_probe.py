@@ -1,0 +1,48 @@
+"""Run as a child process: starve a Listener of descriptors, report what it did.
+
+Prints one JSON object: CPU seconds burnt while no descriptor was free, and how many
+of the queued connections were accepted once descriptors were free again.
+"""
+
+import asyncio
+import json
+import os
+import resource
+import socket
+import time
+
+from tcpfwd.config import Address
+from tcpfwd.listener import Listener, open_listening_sockets
+from tcpfwd.server import new_event_loop
+
+QUEUED = 10
+
+
+async def main() -> None:
+    (sock,) = open_listening_sockets(Address("127.0.0.1", 0), 128)
+    accepted: list[socket.socket] = []
+    listener = Listener(sock, lambda _listener, conn, _peer: accepted.append(conn))
+    clients = [socket.create_connection(sock.getsockname()) for _ in range(QUEUED)]
+    hog: list[int] = []
+    while True:
+        try:
+            hog.append(os.dup(0))
+        except OSError:
+            break
+    listener.start()
+    started = time.process_time()
+    await asyncio.sleep(1.0)
+    starved_cpu = time.process_time() - started
+    for fd in hog:
+        os.close(fd)
+    deadline = time.monotonic() + 5
+    while len(accepted) < QUEUED and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    print(json.dumps({"starved_cpu": starved_cpu, "accepted": len(accepted)}))
+    for conn in accepted + clients:
+        conn.close()
+
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+with asyncio.Runner(loop_factory=new_event_loop) as runner:
+    runner.run(main())
