@@ -35,9 +35,8 @@ async def main() -> None:
     starved_cpu = time.process_time() - started
     for fd in hog:
         os.close(fd)
-    deadline = time.monotonic() + 5
-    while len(accepted) < QUEUED and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    # The listener retries on its own after a pause; give it time to come back.
+    await asyncio.sleep(2.0)
     print(json.dumps({"starved_cpu": starved_cpu, "accepted": len(accepted)}))
     for conn in accepted + clients:
         conn.close()

@@ -217,7 +217,6 @@ class Tcpfwd:
         *,
         cwd: Path | None = None,
         wait_ready: bool = True,
-        preexec_fn: Callable[[], None] | None = None,
         prefix: Sequence[str] = (),
     ) -> None:
         self.args = list(args)
@@ -229,7 +228,6 @@ class Tcpfwd:
             text=True,
             cwd=cwd,
             env=env,
-            preexec_fn=preexec_fn,
         )
         self.access: list[str] = []
         self.events: list[str] = []
@@ -253,8 +251,8 @@ class Tcpfwd:
         return self.process.pid
 
     def _read(self, stream: Any, into: list[str]) -> None:
-        for line in stream:
-            line = line.rstrip("\n")
+        for raw_line in stream:
+            line = raw_line.rstrip("\n")
             with self._changed:
                 into.append(line)
                 match = _LISTENING.search(line)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -92,11 +91,10 @@ def test_permission_denied_on_a_privileged_port_exits_one(run_tcpfwd):
 
 
 def test_at_the_descriptor_limit_clients_wait_in_the_queue_and_are_served_later(run_tcpfwd):
-    def few_descriptors() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-
     with echo_server() as backend:
-        proxy = run_tcpfwd("127.0.0.1:0", backend.address, preexec_fn=few_descriptors)
+        proxy = run_tcpfwd(
+            "127.0.0.1:0", backend.address, prefix=["prlimit", "--nofile=64:64", "--"]
+        )
         capacity = int(proxy.wait_for_event("ready:").split("up to ")[1].split()[0])
         assert 4 <= capacity < 30
         address = proxy.address()
