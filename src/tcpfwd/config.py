@@ -490,4 +490,22 @@ def quick_config(
     document: dict[str, object] = {"services": {"default": service}}
     if global_settings:
         document["global"] = dict(global_settings)
-    return parse_config(document, "command line")
+    try:
+        return parse_config(document, "command line")
+    except ConfigError as error:
+        raise ConfigError(error.source, [_as_argument(issue) for issue in error.issues]) from None
+
+
+def _as_argument(issue: ConfigIssue) -> ConfigIssue:
+    """Name the command-line argument behind a quick-mode config path."""
+    path = issue.path
+    for prefix in ("services.default.", "global."):
+        if path.startswith(prefix):
+            path = path[len(prefix) :]
+            break
+    if path.startswith("backends["):
+        index = int(path[len("backends[") : path.index("]")])
+        return ConfigIssue(f"backend {index + 1}", issue.message)
+    if path == "listen" or path.startswith("listen["):
+        return ConfigIssue("LISTEN", issue.message)
+    return ConfigIssue("--" + path.replace("_", "-"), issue.message)

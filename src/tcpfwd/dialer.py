@@ -12,6 +12,7 @@ import errno
 import functools
 import ipaddress
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,9 @@ OUTCOME_TIMEOUT = "timeout"
 OUTCOME_UNREACHABLE = "unreachable"
 OUTCOME_DNS = "dns"
 OUTCOME_FAILOVER_TIMEOUT = "failover_timeout"
+
+# Below this, an attempt could not even complete a loopback handshake: do not start it.
+MIN_ATTEMPT_TIME = 0.001
 
 _UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
 
@@ -96,6 +100,15 @@ class Dialer:
         self.settings = settings
         self._local_addr = (settings.source_address, 0) if settings.source_address else None
 
+    def _budget(self, now: float, deadline: float | None) -> float | None:
+        """Time allowed for the next attempt; None once the failover deadline is spent."""
+        budget = self.settings.connect_timeout
+        if deadline is not None:
+            budget = min(budget, deadline - now)
+            if budget < MIN_ATTEMPT_TIME:
+                return None
+        return budget
+
     async def _resolve(self, host: str, port: int) -> list[tuple[str, int]]:
         if _is_ip_literal(host):
             return [(host, port)]
@@ -112,38 +125,36 @@ class Dialer:
         self, backends: Sequence[BackendConfig], attempts: list[Attempt]
     ) -> Connected | None:
         """Try ``backends`` in order; record every attempt in ``attempts``."""
-        loop = asyncio.get_running_loop()
         settings = self.settings
-        deadline = loop.time() + settings.failover_timeout if settings.failover_timeout else None
+        deadline = None
+        if settings.failover_timeout is not None:
+            deadline = time.monotonic() + settings.failover_timeout
         for backend in backends:
             host, port = backend.address.host, backend.address.port
-            started = loop.time()
-            budget = settings.connect_timeout
-            if deadline is not None:
-                budget = min(budget, deadline - started)
-                if budget <= 0:
-                    attempts.append(
-                        Attempt(backend.name, str(backend.address), OUTCOME_FAILOVER_TIMEOUT, 0.0)
-                    )
-                    return None
+            started = time.monotonic()
+            budget = self._budget(started, deadline)
+            if budget is None:
+                attempts.append(
+                    Attempt(backend.name, str(backend.address), OUTCOME_FAILOVER_TIMEOUT, 0.0)
+                )
+                return None
             try:
                 async with asyncio.timeout(budget):
                     addresses = await self._resolve(host, port)
             except (OSError, TimeoutError) as error:
-                attempts.append(
-                    Attempt(
-                        backend.name,
-                        str(backend.address),
-                        OUTCOME_DNS if isinstance(error, TimeoutError) else describe_failure(error),
-                        loop.time() - started,
-                    )
-                )
+                outcome = OUTCOME_DNS
+                if isinstance(error, TimeoutError) and budget < settings.connect_timeout:
+                    outcome = OUTCOME_FAILOVER_TIMEOUT
+                elif not isinstance(error, TimeoutError):
+                    outcome = describe_failure(error)
+                elapsed = time.monotonic() - started
+                attempts.append(Attempt(backend.name, str(backend.address), outcome, elapsed))
                 continue
             for ip, ip_port in addresses:
                 connected = await self._connect_one(backend, ip, ip_port, deadline, attempts)
                 if connected is not None:
                     return connected
-                if deadline is not None and loop.time() >= deadline:
+                if deadline is not None and time.monotonic() >= deadline:
                     break
         return None
 
@@ -158,13 +169,11 @@ class Dialer:
         loop = asyncio.get_running_loop()
         settings = self.settings
         address = format_hostport(ip, port)
-        started = loop.time()
-        budget = settings.connect_timeout
-        if deadline is not None:
-            budget = min(budget, deadline - started)
-            if budget <= 0:
-                attempts.append(Attempt(backend.name, address, OUTCOME_FAILOVER_TIMEOUT, 0.0))
-                return None
+        started = time.monotonic()
+        budget = self._budget(started, deadline)
+        if budget is None:
+            attempts.append(Attempt(backend.name, address, OUTCOME_FAILOVER_TIMEOUT, 0.0))
+            return None
         try:
             async with asyncio.timeout(budget):
                 transport, endpoint = await loop.create_connection(
@@ -174,11 +183,13 @@ class Dialer:
                     local_addr=self._local_addr,
                 )
         except (OSError, TimeoutError) as error:
-            attempts.append(
-                Attempt(backend.name, address, describe_failure(error), loop.time() - started)
-            )
+            outcome = describe_failure(error)
+            if outcome == OUTCOME_TIMEOUT and budget < settings.connect_timeout:
+                # The whole sequence's bound, not this backend's, cut the attempt short.
+                outcome = OUTCOME_FAILOVER_TIMEOUT
+            attempts.append(Attempt(backend.name, address, outcome, time.monotonic() - started))
             return None
-        attempts.append(Attempt(backend.name, address, OUTCOME_OK, loop.time() - started))
+        attempts.append(Attempt(backend.name, address, OUTCOME_OK, time.monotonic() - started))
         configure_socket(transport.get_extra_info("socket"), settings)
         sockname = transport.get_extra_info("sockname")
         local = format_hostport(str(sockname[0]), int(sockname[1])) if sockname else "?"

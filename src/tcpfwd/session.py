@@ -100,8 +100,7 @@ class Session:
             self._task.cancel()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        began = loop.time()
+        began = time.monotonic()
         record = self.record
         try:
             record.end = await self._serve()
@@ -112,7 +111,7 @@ class Session:
             log.exception("session %s failed", record.session)
             record.end = END_ERROR
             self._close_all()
-        record.duration = loop.time() - began
+        record.duration = time.monotonic() - began
         if self._client is not None:
             record.from_client = self._client.received
         if self._relay is not None:
@@ -147,11 +146,10 @@ class Session:
 
     async def _dial(self) -> Connected | None:
         attempts: list[Attempt] = self.record.attempts
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.monotonic()
         connected = await self.service.dialer.connect(self.service.plan(self.peer), attempts)
         if connected is not None:
-            self.record.connect_time = loop.time() - started
+            self.record.connect_time = time.monotonic() - started
         return connected
 
     def _client_changed(self) -> None:
