@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
 from dataclasses import dataclass, field
@@ -109,8 +110,11 @@ def format_json(record: SessionRecord) -> str:
 
 class AccessLog:
     def __init__(self, log_format: str = "text") -> None:
-        self._format = format_json if log_format == "json" else format_text
         self._logger = logging.getLogger(ACCESS_LOGGER)
+        self.set_format(log_format)
+
+    def set_format(self, log_format: str) -> None:
+        self._format = format_json if log_format == "json" else format_text
 
     def emit(self, record: SessionRecord) -> None:
         if self._logger.isEnabledFor(logging.INFO):
@@ -132,23 +136,78 @@ class _TextEventFormatter(logging.Formatter):
         return f"{_timestamp(record.created)} {record.levelname.lower()} {record.getMessage()}"
 
 
-def configure_logging(log_format: str = "text", level: str = "info") -> None:
-    """Send access lines to stdout and daemon events to stderr, replacing earlier setup."""
+_SYSLOG_FACILITIES = {
+    "daemon": logging.handlers.SysLogHandler.LOG_DAEMON,
+    "mail": logging.handlers.SysLogHandler.LOG_MAIL,
+    "user": logging.handlers.SysLogHandler.LOG_USER,
+    **{f"local{n}": logging.handlers.SysLogHandler.LOG_LOCAL0 + n for n in range(8)},
+}
+
+# Files we write to, reopened on request (SIGUSR1) so logrotate can move them away.
+_open_files: list[logging.FileHandler] = []
+
+
+def _handler(target: str, facility: str, syslog_address: str, tag: str) -> logging.Handler:
+    if target == "stdout":
+        return logging.StreamHandler(sys.stdout)
+    if target == "stderr":
+        return logging.StreamHandler(sys.stderr)
+    if target == "off":
+        return logging.NullHandler()
+    if target == "syslog":
+        handler = logging.handlers.SysLogHandler(
+            address=syslog_address, facility=_SYSLOG_FACILITIES[facility]
+        )
+        handler.ident = f"{tag}: "
+        return handler
+    file_handler = logging.FileHandler(target, encoding="utf-8")
+    _open_files.append(file_handler)
+    return file_handler
+
+
+def reopen_log_files() -> int:
+    """Reopen every log file by its path; returns how many were reopened."""
+    for handler in _open_files:
+        handler.acquire()
+        try:
+            if handler.stream is not None:
+                handler.stream.close()
+            handler.stream = handler._open()
+        finally:
+            handler.release()
+    return len(_open_files)
+
+
+def configure_logging(
+    log_format: str = "text",
+    level: str = "info",
+    *,
+    access_target: str = "stdout",
+    event_target: str = "stderr",
+    syslog_facility: str = "daemon",
+    syslog_address: str = "/dev/log",
+) -> None:
+    """Route access lines and daemon events to their targets, replacing earlier setup.
+
+    Raises OSError when a log file or the syslog socket cannot be opened.
+    """
     access = logging.getLogger(ACCESS_LOGGER)
     events = logging.getLogger(EVENT_LOGGER)
     for logger in (access, events):
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-    access_handler = logging.StreamHandler(sys.stdout)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+            old.close()
+    _open_files.clear()
+    access_handler = _handler(access_target, syslog_facility, syslog_address, "tcpfwd-access")
     access_handler.setFormatter(logging.Formatter("%(message)s"))
     access.addHandler(access_handler)
     access.propagate = False
+    # The access logger is a child of the event logger: keep it from inheriting its level.
     access.setLevel(logging.INFO)
-    event_handler = logging.StreamHandler(sys.stderr)
+    event_handler = _handler(event_target, syslog_facility, syslog_address, "tcpfwd")
     event_handler.setFormatter(
         _JsonEventFormatter() if log_format == "json" else _TextEventFormatter()
     )
     events.addHandler(event_handler)
     events.propagate = False
     events.setLevel(level.upper())
-    # The access logger is a child of the event logger; keep it from inheriting its level.

@@ -7,21 +7,22 @@ Exit codes: 0 success, 1 the daemon could not start (e.g. a port in use),
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
 from . import __version__
-from .accesslog import configure_logging
 from .config import Config, ConfigError, load_config, quick_config
 from .listener import ListenError
-from .server import run
+from .server import configure_logging_for, run
 
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
 EXIT_USAGE = 2
 
-SUBCOMMANDS = ("run", "check")
+SUBCOMMANDS = ("run", "check", "reload")
 
 _DESCRIPTION = """\
 A TCP bouncer: listens on TCP ports and joins every client to the first destination
@@ -30,6 +31,7 @@ that connects, trying them in order.
   tcpfwd LISTEN BACKEND [BACKEND ...] [options]   quick mode, one service
   tcpfwd run --config FILE                        services from a TOML file
   tcpfwd check --config FILE                      validate a TOML file and exit
+  tcpfwd reload --config FILE                     validate, then make the daemon reload it
 
 Example: tcpfwd 127.0.0.1:10025 mail1.internal:25 mail2.internal:25
 """
@@ -77,9 +79,12 @@ def _quick_parser() -> argparse.ArgumentParser:
 def _file_parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"tcpfwd {command}",
-        description="Validate a configuration file and exit."
-        if command == "check"
-        else "Run the services of a configuration file.",
+        description={
+            "check": "Validate a configuration file and exit.",
+            "run": "Run the services of a configuration file. SIGHUP reloads it.",
+            "reload": "Validate a configuration file, then send SIGHUP to the daemon whose "
+            "pid is in the file's global.pid_file.",
+        }[command],
     )
     parser.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML file")
     if command == "run":
@@ -118,6 +123,24 @@ def _describe(config: Config) -> str:
     return f"{len(config.services)} services, {listeners} listen addresses, {backends} backends"
 
 
+def _signal_reload(config: Config) -> int:
+    if not config.pid_file:
+        print(
+            f"tcpfwd: {config.source} sets no global.pid_file to find the daemon by",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        with open(config.pid_file) as stream:
+            pid = int(stream.read().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as error:
+        print(f"tcpfwd: cannot signal the daemon of {config.pid_file}: {error}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    print(f"{config.source}: OK ({_describe(config)}); reload sent to pid {pid}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = args_list[0] if args_list and args_list[0] in SUBCOMMANDS else None
@@ -131,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if command == "check":
                 print(f"{config.source}: OK ({_describe(config)})")
                 return EXIT_OK
+            if command == "reload":
+                return _signal_reload(config)
             config = _with_logging_overrides(config, args)
     except ConfigError as error:
         count = len(error.issues)
@@ -139,9 +164,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(error.report(), file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(config.log_format, config.log_level)
     try:
-        run(config)
+        configure_logging_for(config)
+    except OSError as error:
+        print(f"tcpfwd: cannot open log: {error}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    reload_config = None
+    if command == "run":
+        path, overrides = args.config, args
+
+        def reload_config() -> Config:
+            return _with_logging_overrides(load_config(path), overrides)
+
+    try:
+        run(config, reload_config=reload_config)
     except ListenError as error:
         print(f"tcpfwd: {error}", file=sys.stderr)
         return EXIT_STARTUP_FAILED

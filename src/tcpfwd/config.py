@@ -20,6 +20,20 @@ T = TypeVar("T")
 
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_TARGETS = ("stdout", "stderr", "syslog", "off")
+SYSLOG_FACILITIES = (
+    "daemon",
+    "mail",
+    "user",
+    "local0",
+    "local1",
+    "local2",
+    "local3",
+    "local4",
+    "local5",
+    "local6",
+    "local7",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +215,67 @@ def _ip_address(value: object) -> str:
         raise _Invalid(f"{value!r} is not an IP address") from None
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(value: object) -> tuple[IPNetwork, ...]:
+    """A list of CIDRs (a bare address means just that host)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise _Invalid(f"expected a list of CIDRs like '10.0.0.0/8', got {_kind(value)}")
+    networks: list[IPNetwork] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise _Invalid(f"expected a CIDR like '10.0.0.0/8', got {_kind(item)}")
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise _Invalid(f"{item!r} is not a network like '10.0.0.0/8' or '::1'") from None
+    return tuple(networks)
+
+
+def _optional_count(value: object) -> int | None:
+    """A positive limit, where ``"off"``, ``false`` or zero mean none."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    count = _int_between(0, 10_000_000)(value)
+    return count or None
+
+
+def _optional_rate(value: object) -> float | None:
+    """Connections per second; ``"off"`` or zero mean no limit."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid(f"expected connections per second, got {_kind(value)}")
+    if value < 0 or not math.isfinite(value):
+        raise _Invalid(f"{value} is not a rate")
+    return float(value) or None
+
+
+def _log_target(value: object) -> str:
+    """``stdout``, ``stderr``, ``syslog``, ``off``, or an absolute file path."""
+    if not isinstance(value, str) or not value:
+        raise _Invalid(
+            f"expected 'stdout', 'stderr', 'syslog', 'off' or a path, got {_kind(value)}"
+        )
+    if value in LOG_TARGETS or value.startswith("/"):
+        return value
+    raise _Invalid(f"{value!r}: write 'stdout', 'stderr', 'syslog', 'off' or an absolute path")
+
+
+def _absolute_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _Invalid(f"expected an absolute path, got {value!r}")
+    return value
+
+
+def _identifier(value: object) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise _Invalid(f"expected a user or group name or number, got {value!r}")
+    return value
+
+
 def _kind(value: object) -> str:
     names = {str: "a string", bool: "a boolean", int: "a number", float: "a number"}
     names |= {list: "a list", dict: "a table"}
@@ -233,6 +308,15 @@ class ServiceSettings:
     buffer_size: int = 256 * 1024
     source_address: str | None = None
     backlog: int = 511
+    # Access control on the client's address: deny wins; a non-empty allow list admits
+    # only what it names.
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+    # Limits; None means none. Excess connections are closed at once.
+    max_connections: int | None = None
+    max_connections_per_client: int | None = None
+    # New connections per second per listener; excess ones wait in the listen queue.
+    accept_rate: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +333,17 @@ class Config:
     grace_period: float = 30.0
     log_format: str = "text"
     log_level: str = "info"
+    access_log: str = "stdout"
+    event_log: str = "stderr"
+    syslog_facility: str = "daemon"
+    syslog_address: str = "/dev/log"
+    # All services together; None: as many as the descriptor limit allows.
+    max_connections: int | None = None
+    # Dropped to after the listening sockets are bound, when started as root.
+    user: str | None = None
+    group: str | None = None
+    # Where the daemon writes its pid (for `tcpfwd reload` and init scripts).
+    pid_file: str | None = None
     source: str = "<defaults>"
 
 
@@ -265,6 +360,11 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "buffer_size": _size,
     "source_address": _ip_address,
     "backlog": _int_between(1, 65535),
+    "allow": _networks,
+    "deny": _networks,
+    "max_connections": _optional_count,
+    "max_connections_per_client": _optional_count,
+    "accept_rate": _optional_rate,
 }
 assert set(_SETTING_PARSERS) == {f.name for f in fields(ServiceSettings)}
 
@@ -272,6 +372,14 @@ _GLOBAL_PARSERS: dict[str, Callable[[object], Any]] = {
     "grace_period": parse_duration,
     "log_format": _choice(LOG_FORMATS),
     "log_level": _choice(LOG_LEVELS),
+    "access_log": _log_target,
+    "event_log": _log_target,
+    "syslog_facility": _choice(SYSLOG_FACILITIES),
+    "syslog_address": _absolute_path,
+    "max_connections": _optional_count,
+    "user": _identifier,
+    "group": _identifier,
+    "pid_file": _absolute_path,
 }
 
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

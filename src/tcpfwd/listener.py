@@ -88,10 +88,37 @@ class Listener:
         self._pause = FD_SHORTAGE_PAUSE
         self._last_shortage_log = 0.0
         self._held = False
+        self.started = False
         self.closed = False
+        # Accept-rate limit as a token bucket holding at most one second's worth.
+        self._rate: float | None = None
+        self._tokens = 0.0
+        self._refilled = 0.0
+
+    def set_rate(self, rate: float | None) -> None:
+        """At most ``rate`` new connections a second; the rest wait in the listen queue."""
+        self._rate = rate
+        self._tokens = max(1.0, rate or 0.0)
+        self._refilled = time.monotonic()
+
+    def _may_accept(self) -> bool:
+        """Whether the rate limit allows one more now; if not, come back when it does."""
+        rate = self._rate
+        if rate is None:
+            return True
+        now = time.monotonic()
+        self._tokens = min(max(1.0, rate), self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens >= 1.0:
+            return True
+        assert self._loop is not None
+        self._unwatch()
+        self._retry = self._loop.call_later((1.0 - self._tokens) / rate, self._watch)
+        return False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.started = True
         self._watch()
 
     def _watch(self) -> None:
@@ -118,7 +145,7 @@ class Listener:
 
     def _accept_ready(self) -> None:
         for _ in range(ACCEPT_BATCH):
-            if self._held or self.closed:
+            if self._held or self.closed or not self._may_accept():
                 return
             try:
                 conn, peer = self.sock.accept()
@@ -134,6 +161,7 @@ class Listener:
                 self._pause_for_shortage(error)
                 return
             conn.setblocking(False)
+            self._tokens -= 1.0
             try:
                 self._on_connection(self, conn, (str(peer[0]), int(peer[1])))
             except Exception:

@@ -1,29 +1,65 @@
-"""The daemon's lifecycle: listen, serve, stop gracefully.
+"""The daemon's lifecycle: listen, serve, reload, stop gracefully.
 
-Startup binds every listening socket before accepting on any, so a configuration that
-cannot be served fails as a whole with one clear line. A stop request (SIGTERM/SIGINT)
-closes the listeners at once, lets live sessions finish for the grace period, then ends
-what is left; a second request ends them at once.
+Startup binds every listening socket (or takes them from systemd) before accepting on
+any, so a configuration that cannot be served fails as a whole with one clear line.
+
+SIGHUP reloads: the new configuration is read and validated in full first; any error
+keeps the running configuration. Listening sockets of addresses still configured stay
+open (nothing queued on them is lost), new ones are bound, removed ones closed; new
+connections use the new settings while sessions in flight finish with the ones they
+started with.
+
+SIGTERM/SIGINT closes the listeners at once, lets live sessions finish for the grace
+period, then ends what is left; a second signal ends them at once. SIGUSR1 reopens log
+files. Signal handlers only note what was asked; the work happens in the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import grp
 import logging
+import os
+import pwd
 import resource
 import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 
-from .accesslog import AccessLog
-from .config import Config
+# Imported up front, not when the loop is made: after dropping privileges the
+# interpreter's own files may no longer be readable.
+_uvloop: ModuleType | None
+try:
+    import uvloop as _uvloop
+except ImportError:  # pragma: no cover - platforms without uvloop
+    _uvloop = None
+
+from .accesslog import AccessLog, configure_logging, reopen_log_files
+from .config import Address, Config, ConfigError
 from .listener import Listener, ListenError, open_listening_sockets
-from .session import ServiceRuntime, Session
+from .session import REJECT_GLOBAL_LIMIT, ServiceRuntime, Session
+from .systemd import Notifier, inherited_sockets
 
 log = logging.getLogger("tcpfwd")
 
 __all__ = ["ListenError", "Server", "run"]
+
+# A rejected connection is logged at most this often per service and cause.
+REJECT_LOG_INTERVAL = 10.0
+STATUS_INTERVAL = 5.0
+
+
+# What identifies a listening address across reloads: the address itself, except that
+# "any port" (0) is a different socket for every service that asks for one.
+ListenKey = tuple[str, Address]
+
+
+def listen_key(service: str, address: Address) -> ListenKey:
+    return (service if address.port == 0 else "", address)
 
 
 def session_capacity() -> int:
@@ -46,45 +82,171 @@ def session_capacity() -> int:
     return max(1, (soft - reserve) // 2)
 
 
+def configure_logging_for(config: Config) -> None:
+    configure_logging(
+        config.log_format,
+        config.log_level,
+        access_target=config.access_log,
+        event_target=config.event_log,
+        syslog_facility=config.syslog_facility,
+        syslog_address=config.syslog_address,
+    )
+
+
+def drop_privileges(user: str | None, group: str | None) -> None:
+    """Become ``user``/``group`` (names or numbers) when running as root."""
+    if os.geteuid() != 0 or (user is None and group is None):
+        return
+    try:
+        uid = int(user) if user and user.isdigit() else pwd.getpwnam(user).pw_uid if user else None
+        if group is not None:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        elif user is not None:
+            gid = pwd.getpwuid(uid).pw_gid if uid is not None else os.getgid()
+        else:
+            gid = os.getgid()
+    except KeyError as error:
+        raise ListenError(f"cannot switch user: no such user or group {error}") from None
+    try:
+        os.setgroups([gid])
+        os.setgid(gid)
+        if uid is not None:
+            os.setuid(uid)
+    except OSError as error:
+        raise ListenError(f"cannot switch to user {user} group {group}: {error.strerror}") from None
+
+
+@dataclass
+class _RejectLog:
+    count: int = 0
+    last: float = 0.0
+
+
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reload_config: Callable[[], Config] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.config = config
+        self._reload_config = reload_config
+        self.notifier = notifier or Notifier()
         self.access_log = AccessLog(config.log_format)
-        self.listeners: list[Listener] = []
+        self.services: dict[str, ServiceRuntime] = {}
+        # Listening sockets by the configured address they serve (one address may need
+        # several sockets: every interface, or every address of a name).
+        self.listeners: dict[ListenKey, list[Listener]] = {}
+        self._listener_service: dict[Listener, ServiceRuntime] = {}
         self.sessions: set[Session] = set()
-        self._services: dict[Listener, ServiceRuntime] = {}
         self.capacity = session_capacity()
         self._at_capacity = False
         self._last_capacity_log = 0.0
+        self._rejects: dict[tuple[str, str], _RejectLog] = {}
+        self._inherited: list[socket.socket] = []
         self._stop_requests = 0
         self._stopping: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
+        self._reloading = False
+        self._serving = False
+
+    # --- listening sockets -----------------------------------------------------------
+
+    def _open(self, address: Address, backlog: int) -> list[socket.socket]:
+        """Sockets for ``address``: inherited from systemd where one matches, else bound."""
+        for sock in self._inherited:
+            if _serves(sock, address):
+                self._inherited.remove(sock)
+                return [sock]
+        return open_listening_sockets(address, backlog)
 
     def bind(self) -> None:
         """Open every listening socket, or none: raises ListenError on the first failure."""
-        bound: list[tuple[ServiceRuntime, socket.socket]] = []
+        self._inherited = inherited_sockets()
+        opened = self._bind_new(self.config, set())
+        for sock in self._inherited:
+            log.warning("socket %s passed by systemd is not configured; closing it", _name(sock))
+            sock.close()
+        self._inherited = []
+        self._install(self.config, opened)
+
+    def _bind_new(
+        self, config: Config, existing: set[ListenKey]
+    ) -> dict[ListenKey, list[socket.socket]]:
+        opened: dict[ListenKey, list[socket.socket]] = {}
         try:
-            for service_config in self.config.services:
-                service = ServiceRuntime(service_config, self.access_log)
-                for address in service_config.listen:
-                    for sock in open_listening_sockets(address, service_config.settings.backlog):
-                        bound.append((service, sock))
+            for service in config.services:
+                for address in service.listen:
+                    key = listen_key(service.name, address)
+                    if key not in existing and key not in opened:
+                        opened[key] = self._open(address, service.settings.backlog)
         except ListenError:
-            for _service, sock in bound:
-                sock.close()
+            for socks in opened.values():
+                for sock in socks:
+                    sock.close()
             raise
-        for service, sock in bound:
-            listener = Listener(sock, self._accepted)
-            self.listeners.append(listener)
-            self._services[listener] = service
+        return opened
+
+    def _install(self, config: Config, opened: dict[ListenKey, list[socket.socket]]) -> None:
+        """Make ``config`` the one new connections get: services, listeners and their rates."""
+        services: dict[str, ServiceRuntime] = {}
+        for service_config in config.services:
+            current = self.services.get(service_config.name)
+            if current is not None and current.config == service_config:
+                services[service_config.name] = current
+            else:
+                stats = current.stats if current is not None else None
+                services[service_config.name] = ServiceRuntime(
+                    service_config, self.access_log, stats
+                )
+        wanted = {listen_key(s.name, a): s for s in config.services for a in s.listen}
+        for address in list(self.listeners):
+            if address not in wanted:
+                for listener in self.listeners.pop(address):
+                    self._listener_service.pop(listener, None)
+                    listener.close()
+                    log.info("no longer listening on %s", listener.name)
+        for address, socks in opened.items():
+            self.listeners[address] = [Listener(sock, self._accepted) for sock in socks]
+        for address, service_config in wanted.items():
+            runtime = services[service_config.name]
+            for listener in self.listeners[address]:
+                self._listener_service[listener] = runtime
+                listener.set_rate(service_config.settings.accept_rate)
+        self.services = services
+        self.config = config
+
+    def _start_listeners(self) -> None:
+        for address_listeners in self.listeners.values():
+            for listener in address_listeners:
+                if not listener.started:
+                    listener.start()
+                    service = self._listener_service[listener]
+                    log.info("listening on %s for service %s", listener.name, service.name)
+
+    def _all_listeners(self) -> list[Listener]:
+        return [each for group in self.listeners.values() for each in group]
+
+    # --- connections -----------------------------------------------------------------
 
     def _accepted(self, listener: Listener, sock: socket.socket, peer: tuple[str, int]) -> None:
-        session = Session(self._services[listener], listener.name, sock, peer)
+        service = self._listener_service[listener]
+        cause = service.admit(peer[0])
+        limit = self.config.max_connections
+        if cause is None and limit is not None and len(self.sessions) >= limit:
+            cause = REJECT_GLOBAL_LIMIT
+        if cause is not None:
+            sock.close()
+            self._rejected(service, cause, peer)
+            return
+        session = Session(service, listener.name, sock, peer)
         self.sessions.add(session)
+        service.session_started(peer[0])
         session.start(self._session_done)
         if len(self.sessions) >= self.capacity and not self._at_capacity:
             self._at_capacity = True
-            for each in self.listeners:
+            for each in self._all_listeners():
                 each.hold()
             now = time.monotonic()
             if now - self._last_capacity_log >= 10.0:
@@ -94,14 +256,104 @@ class Server:
                     len(self.sessions),
                 )
 
+    def _rejected(self, service: ServiceRuntime, cause: str, peer: tuple[str, int]) -> None:
+        service.stats.rejected[cause] += 1
+        entry = self._rejects.setdefault((service.name, cause), _RejectLog())
+        entry.count += 1
+        now = time.monotonic()
+        if now - entry.last >= REJECT_LOG_INTERVAL:
+            log.warning(
+                "service %s closed %d connection(s) at once (%s), the latest from %s",
+                service.name,
+                entry.count,
+                cause,
+                peer[0],
+            )
+            entry.count = 0
+            entry.last = now
+
     def _session_done(self, session: Session) -> None:
         self.sessions.discard(session)
+        session.service.session_ended(session.peer[0], session.record)
         if self._at_capacity and len(self.sessions) < self.capacity:
             self._at_capacity = False
-            for listener in self.listeners:
+            for listener in self._all_listeners():
                 listener.release()
         if not self.sessions and self._idle is not None:
             self._idle.set()
+
+    # --- reload ----------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the configuration; on any error keep the running one. True if applied."""
+        if self._reload_config is None:
+            log.warning("reload asked, but the configuration came from the command line")
+            return False
+        if self._stop_requests:
+            return False
+        self.notifier.reloading()
+        try:
+            applied = self._reload()
+        finally:
+            self.notifier.ready(self._status_text())
+        return applied
+
+    def _reload(self) -> bool:
+        assert self._reload_config is not None
+        try:
+            config = self._reload_config()
+        except ConfigError as error:
+            for line in error.report().splitlines():
+                log.error("reload: %s", line)
+            log.error(
+                "reload rejected (%d errors); the running configuration is kept", len(error.issues)
+            )
+            return False
+        try:
+            opened = self._bind_new(config, set(self.listeners))
+        except ListenError as error:
+            log.error("reload rejected: %s; the running configuration is kept", error)
+            return False
+        logging_changed = _logging_settings(config) != _logging_settings(self.config)
+        if logging_changed:
+            try:
+                configure_logging_for(config)
+            except OSError as error:
+                for socks in opened.values():
+                    for sock in socks:
+                        sock.close()
+                configure_logging_for(self.config)
+                log.error("reload rejected: cannot open log: %s", error)
+                return False
+            # Every service shares this one object, so all of them switch format at once.
+            self.access_log.set_format(config.log_format)
+        before = {s.name: s.config for s in self.services.values()}
+        self._install(config, opened)
+        for key, group in self.listeners.items():
+            for listener in group:
+                listener.sock.listen(self._backlog_of(key))
+        self._start_listeners()
+        after = {s.name: s.config for s in self.services.values()}
+        added = sorted(set(after) - set(before))
+        removed = sorted(set(before) - set(after))
+        changed = sorted(n for n in set(after) & set(before) if after[n] != before[n])
+        log.info(
+            "reloaded %s: services added %s, removed %s, changed %s; %d live sessions untouched",
+            config.source,
+            ",".join(added) or "-",
+            ",".join(removed) or "-",
+            ",".join(changed) or "-",
+            len(self.sessions),
+        )
+        return True
+
+    def _backlog_of(self, key: ListenKey) -> int:
+        for service in self.config.services:
+            if any(listen_key(service.name, a) == key for a in service.listen):
+                return service.settings.backlog
+        return 511
+
+    # --- stop ------------------------------------------------------------------------
 
     def request_stop(self, signame: str = "request") -> None:
         self._stop_requests += 1
@@ -109,8 +361,9 @@ class Server:
             return
         if self._stop_requests == 1:
             # Stop accepting before saying so: whoever reads "stopping" may rely on it.
-            for listener in self.listeners:
+            for listener in self._all_listeners():
                 listener.close()
+            self.notifier.stopping()
             log.info(
                 "%s received: stopping; live sessions get %ss", signame, self.config.grace_period
             )
@@ -120,6 +373,26 @@ class Server:
                 session.abort()
         self._stopping.set()
 
+    # --- main loop -------------------------------------------------------------------
+
+    def _status_text(self) -> str:
+        return f"{len(self.sessions)} live sessions, {len(self.services)} services"
+
+    def _keep_systemd_informed(self) -> None:
+        """Watchdog pings and a status line, while serving."""
+        loop = asyncio.get_running_loop()
+        interval = self.notifier.watchdog_interval or STATUS_INTERVAL
+
+        def tick() -> None:
+            if self._stop_requests:
+                return
+            if self.notifier.watchdog_interval:
+                self.notifier.watchdog()
+            self.notifier.status(self._status_text())
+            loop.call_later(interval, tick)
+
+        loop.call_later(interval, tick)
+
     async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
         """Accept until a stop request, then drain."""
         loop = asyncio.get_running_loop()
@@ -127,29 +400,39 @@ class Server:
         self._idle = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         if not self.listeners:
             self.bind()
-        for listener in self.listeners:
-            listener.start()
-            service = self._services[listener]
-            log.info("listening on %s for service %s", listener.name, service.name)
+        self._start_listeners()
         log.info(
             "ready: %d listening sockets, %d services, up to %d sessions",
-            len(self.listeners),
-            len(self.config.services),
+            len(self._all_listeners()),
+            len(self.services),
             self.capacity,
         )
+        self.notifier.ready(self._status_text())
+        if self.notifier.enabled:
+            self._keep_systemd_informed()
         if on_ready is not None:
             on_ready()
         if self._stop_requests:
             self._stopping.set()
         await self._stopping.wait()
-        for listener in self.listeners:
+        for listener in self._all_listeners():
             listener.close()
         await self._drain()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(signum)
         log.info("stopped")
+
+    def _reopen_logs(self) -> None:
+        try:
+            count = reopen_log_files()
+        except OSError as error:
+            log.error("cannot reopen log files: %s", error)
+            return
+        log.info("SIGUSR1 received: reopened %d log files", count)
 
     async def _drain(self) -> None:
         assert self._idle is not None
@@ -174,19 +457,67 @@ class Server:
             log.warning("%d sessions did not end after abort", len(self.sessions))
 
 
+def _serves(sock: socket.socket, address: Address) -> bool:
+    """Whether an inherited listening socket is the one for a configured address."""
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return False
+    if port != address.port:
+        return False
+    if not address.host:
+        return host in ("0.0.0.0", "::")
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return any(info[4][0] == host for info in infos)
+
+
+def _name(sock: socket.socket) -> str:
+    try:
+        return str(sock.getsockname())
+    except OSError:
+        return f"fd {sock.fileno()}"
+
+
+def _logging_settings(config: Config) -> tuple[object, ...]:
+    return (
+        config.log_format,
+        config.log_level,
+        config.access_log,
+        config.event_log,
+        config.syslog_facility,
+        config.syslog_address,
+    )
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop where installed (Linux, macOS), asyncio's own loop elsewhere."""
-    try:
-        import uvloop  # noqa: PLC0415 -- optional, and only the daemon needs it
-    except ImportError:
+    if _uvloop is None:
         return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    loop: asyncio.AbstractEventLoop = _uvloop.new_event_loop()
     return loop
 
 
-def run(config: Config) -> None:
-    """Bind, serve until stopped; ListenError escapes before anything is served."""
-    server = Server(config)
+def run(config: Config, *, reload_config: Callable[[], Config] | None = None) -> None:
+    """Bind, drop privileges, serve until stopped; ListenError escapes before serving."""
+    server = Server(config, reload_config=reload_config)
     server.bind()
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(server.serve())
+    pid_file = config.pid_file
+    if pid_file:
+        # Written before dropping privileges, as its folder is usually root's.
+        try:
+            with open(pid_file, "w") as stream:
+                stream.write(f"{os.getpid()}\n")
+        except OSError as error:
+            raise ListenError(f"cannot write pid file {pid_file}: {error.strerror}") from None
+    drop_privileges(config.user, config.group)
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(server.serve())
+    finally:
+        server.notifier.close()
+        if pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(pid_file)

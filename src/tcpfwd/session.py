@@ -9,11 +9,13 @@ Nothing that goes wrong inside a session escapes it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -37,19 +39,86 @@ def new_session_id() -> str:
     return f"{_ID_PREFIX}-{next(_next_number):x}"
 
 
-class ServiceRuntime:
-    """What sessions of one service share: its config, dialer and access log."""
+# Why a connection was closed before it became a session; counted per service.
+REJECT_DENIED = "denied"
+REJECT_SERVICE_LIMIT = "service_limit"
+REJECT_CLIENT_LIMIT = "client_limit"
+REJECT_GLOBAL_LIMIT = "global_limit"
 
-    def __init__(self, config: ServiceConfig, access_log: AccessLog) -> None:
+
+class ServiceStats:
+    """Counters of one service, kept across reloads for as long as the service exists."""
+
+    __slots__ = (
+        "active",
+        "bytes_from_backend",
+        "bytes_from_client",
+        "ends",
+        "per_client",
+        "rejected",
+    )
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.per_client: dict[str, int] = {}
+        self.rejected: Counter[str] = Counter()
+        self.ends: Counter[str] = Counter()
+        self.bytes_from_client = 0
+        self.bytes_from_backend = 0
+
+
+class ServiceRuntime:
+    """What sessions of one service share: its config, dialer, limits and counters."""
+
+    def __init__(
+        self, config: ServiceConfig, access_log: AccessLog, stats: ServiceStats | None = None
+    ) -> None:
         self.config = config
         self.name = config.name
         self.settings = config.settings
         self.dialer = Dialer(config.settings)
         self.access_log = access_log
+        self.stats = stats or ServiceStats()
 
     def plan(self, client: tuple[str, int]) -> Sequence[BackendConfig]:
         """The order in which to try the backends for this client."""
         return self.config.backends
+
+    def admit(self, client_ip: str) -> str | None:
+        """Why a connection from ``client_ip`` must be closed at once, or None to serve it."""
+        settings = self.settings
+        if settings.allow or settings.deny:
+            address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            if any(address in network for network in settings.deny):
+                return REJECT_DENIED
+            if settings.allow and not any(address in network for network in settings.allow):
+                return REJECT_DENIED
+        stats = self.stats
+        if settings.max_connections is not None and stats.active >= settings.max_connections:
+            return REJECT_SERVICE_LIMIT
+        limit = settings.max_connections_per_client
+        if limit is not None and stats.per_client.get(client_ip, 0) >= limit:
+            return REJECT_CLIENT_LIMIT
+        return None
+
+    def session_started(self, client_ip: str) -> None:
+        stats = self.stats
+        stats.active += 1
+        stats.per_client[client_ip] = stats.per_client.get(client_ip, 0) + 1
+
+    def session_ended(self, client_ip: str, record: SessionRecord) -> None:
+        stats = self.stats
+        stats.active -= 1
+        remaining = stats.per_client.get(client_ip, 1) - 1
+        if remaining:
+            stats.per_client[client_ip] = remaining
+        else:
+            stats.per_client.pop(client_ip, None)
+        stats.ends[record.end] += 1
+        stats.bytes_from_client += record.from_client
+        stats.bytes_from_backend += record.from_backend
 
 
 class Session:
