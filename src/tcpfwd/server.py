@@ -30,6 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
+from .accesslog import AccessLog, configure_logging, reopen_log_files
+from .config import Address, Config, ConfigError
+from .listener import Listener, ListenError, open_listening_sockets
+from .session import REJECT_GLOBAL_LIMIT, ServiceRuntime, Session
+from .systemd import Notifier, inherited_sockets
+
 # Imported up front, not when the loop is made: after dropping privileges the
 # interpreter's own files may no longer be readable.
 _uvloop: ModuleType | None
@@ -37,12 +43,6 @@ try:
     import uvloop as _uvloop
 except ImportError:  # pragma: no cover - platforms without uvloop
     _uvloop = None
-
-from .accesslog import AccessLog, configure_logging, reopen_log_files
-from .config import Address, Config, ConfigError
-from .listener import Listener, ListenError, open_listening_sockets
-from .session import REJECT_GLOBAL_LIMIT, ServiceRuntime, Session
-from .systemd import Notifier, inherited_sockets
 
 log = logging.getLogger("tcpfwd")
 
