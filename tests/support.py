@@ -194,6 +194,23 @@ def exchange(address: tuple[str, int], payload: bytes, timeout: float = 10.0) ->
 _LISTENING = re.compile(r"listening on (\S+) for service ([\w.-]+)")
 
 
+# Starts a program the way systemd's socket activation does: the listening socket as
+# descriptor 3, LISTEN_FDS=1 and LISTEN_PID set to the program's own pid (kept by exec).
+_SOCKET_ACTIVATE = (
+    "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+    "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def socket_activation(sock: socket.socket) -> dict[str, Any]:
+    """Keyword arguments for Tcpfwd that hand it ``sock`` as systemd would."""
+    return {
+        "prefix": [sys.executable, "-c", _SOCKET_ACTIVATE, str(sock.fileno())],
+        "pass_fds": [sock.fileno()],
+    }
+
+
 def parse_logfmt(line: str) -> dict[str, str]:
     """Fields of a text access line (``key=value`` words after the timestamp)."""
     fields: dict[str, str] = {}
@@ -218,9 +235,11 @@ class Tcpfwd:
         cwd: Path | None = None,
         wait_ready: bool = True,
         prefix: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.args = list(args)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-m", "tcpfwd", *self.args],
             stdout=subprocess.PIPE,
@@ -228,6 +247,7 @@ class Tcpfwd:
             text=True,
             cwd=cwd,
             env=env,
+            pass_fds=tuple(pass_fds),
         )
         self.access: list[str] = []
         self.events: list[str] = []

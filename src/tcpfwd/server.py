@@ -242,7 +242,6 @@ class Server:
             return
         session = Session(service, listener.name, sock, peer)
         self.sessions.add(session)
-        service.session_started(peer[0])
         session.start(self._session_done)
         if len(self.sessions) >= self.capacity and not self._at_capacity:
             self._at_capacity = True
@@ -274,7 +273,6 @@ class Server:
 
     def _session_done(self, session: Session) -> None:
         self.sessions.discard(session)
-        session.service.session_ended(session.peer[0], session.record)
         if self._at_capacity and len(self.sessions) < self.capacity:
             self._at_capacity = False
             for listener in self._all_listeners():

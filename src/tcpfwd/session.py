@@ -125,6 +125,7 @@ class Session:
     __slots__ = (
         "_client",
         "_client_gone",
+        "_on_done",
         "_relay",
         "_sock",
         "_task",
@@ -158,8 +159,9 @@ class Session:
         )
 
     def start(self, on_done: Callable[[Session], None]) -> None:
+        self.service.session_started(self.peer[0])
+        self._on_done = on_done
         self._task = asyncio.get_running_loop().create_task(self._run())
-        self._task.add_done_callback(lambda _task: on_done(self))
 
     def abort(self) -> None:
         """End the session now (the grace period after a stop request is over)."""
@@ -185,6 +187,10 @@ class Session:
             record.from_client = self._client.received
         if self._relay is not None:
             record.from_backend = self._relay.backend.received
+        # Free the session's place before saying it ended: whoever reads the line may
+        # rely on the place being free.
+        self.service.session_ended(self.peer[0], record)
+        self._on_done(self)
         self.service.access_log.emit(record)
 
     async def _serve(self) -> str:
