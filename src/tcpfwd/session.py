@@ -15,13 +15,13 @@ import logging
 import os
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Final
 
 from .accesslog import AccessLog, SessionRecord
 from .config import BackendConfig, ServiceConfig, format_hostport
 from .dialer import Attempt, Connected, Dialer, configure_socket
+from .metrics import ServiceStats
 from .relay import END_SHUTDOWN, Endpoint, Relay
 
 END_NO_BACKEND: Final = "no_backend"
@@ -44,27 +44,6 @@ REJECT_DENIED = "denied"
 REJECT_SERVICE_LIMIT = "service_limit"
 REJECT_CLIENT_LIMIT = "client_limit"
 REJECT_GLOBAL_LIMIT = "global_limit"
-
-
-class ServiceStats:
-    """Counters of one service, kept across reloads for as long as the service exists."""
-
-    __slots__ = (
-        "active",
-        "bytes_from_backend",
-        "bytes_from_client",
-        "ends",
-        "per_client",
-        "rejected",
-    )
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.per_client: dict[str, int] = {}
-        self.rejected: Counter[str] = Counter()
-        self.ends: Counter[str] = Counter()
-        self.bytes_from_client = 0
-        self.bytes_from_backend = 0
 
 
 class ServiceRuntime:
@@ -119,6 +98,12 @@ class ServiceRuntime:
         stats.ends[record.end] += 1
         stats.bytes_from_client += record.from_client
         stats.bytes_from_backend += record.from_backend
+        for attempt in record.attempts:
+            stats.backend(attempt.backend).attempts[attempt.outcome] += 1
+        if record.backend is not None:
+            stats.backend(record.backend).sessions += 1
+        if record.connect_time is not None:
+            stats.connect_seconds.observe(record.connect_time)
 
 
 class Session:

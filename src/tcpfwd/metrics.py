@@ -1,0 +1,222 @@
+"""Counters kept on the data path, and their Prometheus exposition.
+
+Sessions update plain integers and fixed-bucket histograms as they end, which costs a few
+additions; the Prometheus metric families are built from them only when /metrics is
+scraped (a custom collector), so nothing on the data path pays for a registry or labels.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+# Seconds: from a loopback connect to a long blackhole wait.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class Histogram:
+    """Cumulative-on-read histogram with fixed upper bounds."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """(upper bound, count at or below it) pairs ending with +Inf, as Prometheus wants."""
+        buckets = []
+        running = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            running += count
+            buckets.append((repr(bound), float(running)))
+        buckets.append(("+Inf", float(self.count)))
+        return buckets
+
+
+class BackendStats:
+    __slots__ = ("attempts", "check_seconds", "sessions")
+
+    def __init__(self) -> None:
+        self.attempts: Counter[str] = Counter()
+        self.sessions = 0
+        self.check_seconds = Histogram()
+
+
+class ServiceStats:
+    """Counters of one service, kept across reloads for as long as the service exists."""
+
+    __slots__ = (
+        "active",
+        "backends",
+        "bytes_from_backend",
+        "bytes_from_client",
+        "connect_seconds",
+        "ends",
+        "per_client",
+        "rejected",
+    )
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.per_client: dict[str, int] = {}
+        self.rejected: Counter[str] = Counter()
+        self.ends: Counter[str] = Counter()
+        self.bytes_from_client = 0
+        self.bytes_from_backend = 0
+        self.connect_seconds = Histogram()
+        self.backends: dict[str, BackendStats] = {}
+
+    def backend(self, name: str) -> BackendStats:
+        stats = self.backends.get(name)
+        if stats is None:
+            stats = self.backends[name] = BackendStats()
+        return stats
+
+
+class BackendView(Protocol):
+    """What the exposition needs to know of a backend right now."""
+
+    name: str
+    up: bool
+    admin_state: str
+    active: int
+
+
+class ServiceView(Protocol):
+    name: str
+    stats: ServiceStats
+
+    def backend_views(self) -> Iterable[BackendView]: ...
+
+
+ADMIN_STATES = ("enabled", "draining", "disabled")
+
+
+class TcpfwdCollector(Collector):
+    """Builds every tcpfwd metric family from the live services at scrape time."""
+
+    def __init__(self, services: Callable[[], Iterable[ServiceView]]) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[Metric]:
+        services = list(self._services())
+        sessions = CounterMetricFamily(
+            "tcpfwd_sessions", "Sessions ended, by how they ended.", labels=["service", "end"]
+        )
+        active = GaugeMetricFamily("tcpfwd_sessions_active", "Live sessions.", labels=["service"])
+        rejected = CounterMetricFamily(
+            "tcpfwd_connections_rejected",
+            "Connections closed at once, by cause.",
+            labels=["service", "cause"],
+        )
+        transferred = CounterMetricFamily(
+            "tcpfwd_bytes", "Bytes received from each side.", labels=["service", "direction"]
+        )
+        connect = HistogramMetricFamily(
+            "tcpfwd_connect_duration_seconds",
+            "From the first attempt to the backend connection a session used.",
+            labels=["service"],
+        )
+        attempts = CounterMetricFamily(
+            "tcpfwd_backend_attempts",
+            "Connection attempts to backends, by outcome (ok, refused, timeout, ...).",
+            labels=["service", "backend", "outcome"],
+        )
+        failovers = CounterMetricFamily(
+            "tcpfwd_failovers",
+            "Failed attempts after which the next backend was tried, by reason.",
+            labels=["service", "reason"],
+        )
+        backend_sessions = CounterMetricFamily(
+            "tcpfwd_backend_sessions",
+            "Sessions joined to each backend.",
+            labels=["service", "backend"],
+        )
+        backend_active = GaugeMetricFamily(
+            "tcpfwd_backend_sessions_active",
+            "Live sessions per backend.",
+            labels=["service", "backend"],
+        )
+        up = GaugeMetricFamily(
+            "tcpfwd_backend_up", "1 when health says up, else 0.", labels=["service", "backend"]
+        )
+        admin = GaugeMetricFamily(
+            "tcpfwd_backend_admin_state",
+            "1 for the backend's administrative state (enabled, draining, disabled).",
+            labels=["service", "backend", "state"],
+        )
+        checks = HistogramMetricFamily(
+            "tcpfwd_health_check_duration_seconds",
+            "Duration of active health checks and recovery probes.",
+            labels=["service", "backend"],
+        )
+        for service in services:
+            stats = service.stats
+            name = service.name
+            for end, count in sorted(stats.ends.items()):
+                sessions.add_metric([name, end], count)
+            active.add_metric([name], stats.active)
+            for cause, count in sorted(stats.rejected.items()):
+                rejected.add_metric([name, cause], count)
+            transferred.add_metric([name, "from_client"], stats.bytes_from_client)
+            transferred.add_metric([name, "from_backend"], stats.bytes_from_backend)
+            connect.add_metric(
+                [name], stats.connect_seconds.cumulative(), stats.connect_seconds.total
+            )
+            reasons: Counter[str] = Counter()
+            for backend_name, backend_stats in sorted(stats.backends.items()):
+                for outcome, count in sorted(backend_stats.attempts.items()):
+                    attempts.add_metric([name, backend_name, outcome], count)
+                    if outcome != "ok":
+                        reasons[outcome] += count
+            for reason, count in sorted(reasons.items()):
+                failovers.add_metric([name, reason], count)
+            for view in service.backend_views():
+                backend_stats = stats.backend(view.name)
+                backend_sessions.add_metric([name, view.name], backend_stats.sessions)
+                backend_active.add_metric([name, view.name], view.active)
+                up.add_metric([name, view.name], 1 if view.up else 0)
+                for state in ADMIN_STATES:
+                    admin.add_metric(
+                        [name, view.name, state], 1 if view.admin_state == state else 0
+                    )
+                if backend_stats.check_seconds.count:
+                    checks.add_metric(
+                        [name, view.name],
+                        backend_stats.check_seconds.cumulative(),
+                        backend_stats.check_seconds.total,
+                    )
+        yield from (
+            sessions,
+            active,
+            rejected,
+            transferred,
+            connect,
+            attempts,
+            failovers,
+            backend_sessions,
+            backend_active,
+            up,
+            admin,
+            checks,
+        )

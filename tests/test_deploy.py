@@ -1,0 +1,87 @@
+"""The shipped deployment files parse and agree with what tcpfwd does."""
+
+from __future__ import annotations
+
+import configparser
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+def unit(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(path.read_text())
+    return parser
+
+
+def tcpfwd_check(config_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "tcpfwd.toml"
+    config.write_text(config_text)
+    return subprocess.run(
+        [sys.executable, "-m", "tcpfwd", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_systemd_service_is_a_hardened_notify_service():
+    service = unit(DEPLOY / "systemd" / "tcpfwd.service")["Service"]
+    assert service["Type"] == "notify"
+    assert "tcpfwd run --config /etc/tcpfwd/tcpfwd.toml" in service["ExecStart"]
+    assert "-HUP" in service["ExecReload"]
+    assert service["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
+    for key, value in {
+        "DynamicUser": "yes",
+        "ProtectSystem": "strict",
+        "NoNewPrivileges": "yes",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+    }.items():
+        assert service[key] == value, key
+    assert "WatchdogSec" in service
+
+
+def test_systemd_socket_listens_where_the_example_config_does():
+    sockets = [
+        line.split("=", 1)[1].strip()
+        for line in (DEPLOY / "systemd" / "tcpfwd.socket").read_text().splitlines()
+        if line.startswith("ListenStream=")
+    ]
+    example = (ROOT / "examples" / "tcpfwd.toml").read_text()
+    assert sockets
+    for address in sockets:
+        assert f'"{address}"' in example
+
+
+def test_keepalived_config_is_balanced_and_checks_readiness():
+    text = (DEPLOY / "keepalived" / "keepalived.conf").read_text()
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    assert code.count("{") == code.count("}")
+    assert "vrrp_instance" in code
+    assert "http://127.0.0.1:8404/readyz" in code
+
+
+def test_kubernetes_manifests_parse_and_probe_the_admin_endpoint(tmp_path):
+    documents = []
+    for name in ("configmap.yaml", "deployment.yaml", "daemonset.yaml"):
+        documents += [
+            d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text()) if d
+        ]
+    kinds = {d["kind"] for d in documents}
+    assert kinds == {"ConfigMap", "Deployment", "Service", "DaemonSet"}
+    for workload in (d for d in documents if d["kind"] in ("Deployment", "DaemonSet")):
+        (container,) = workload["spec"]["template"]["spec"]["containers"]
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["args"][:1] == ["run"]
+    (configmap,) = (d for d in documents if d["kind"] == "ConfigMap")
+    result = tcpfwd_check(configmap["data"]["tcpfwd.toml"], tmp_path)
+    assert result.returncode == 0, result.stderr
