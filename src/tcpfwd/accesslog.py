@@ -43,7 +43,7 @@ class SessionRecord:
     end: str = ""
 
 
-def _timestamp(seconds: float) -> str:
+def format_timestamp(seconds: float) -> str:
     moment = time.gmtime(seconds)
     return time.strftime("%Y-%m-%dT%H:%M:%S", moment) + f".{int(seconds % 1 * 1000):03d}Z"
 
@@ -62,7 +62,7 @@ def format_text(record: SessionRecord) -> str:
     failed = [a for a in record.attempts if a.outcome != OUTCOME_OK]
     tried = ",".join(f"{_attempt_target(a)}/{a.outcome}/{_ms(a.elapsed)}" for a in failed)
     parts = [
-        _timestamp(record.started),
+        format_timestamp(record.started),
         f"session={record.session}",
         f"client={record.client}",
         f"listener={record.listener}",
@@ -82,7 +82,7 @@ def format_text(record: SessionRecord) -> str:
 
 def format_json(record: SessionRecord) -> str:
     document: dict[str, Any] = {
-        "time": _timestamp(record.started),
+        "time": format_timestamp(record.started),
         "session": record.session,
         "client": record.client,
         "listener": record.listener,
@@ -124,7 +124,7 @@ class AccessLog:
 class _JsonEventFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         document = {
-            "time": _timestamp(record.created),
+            "time": format_timestamp(record.created),
             "level": record.levelname.lower(),
             "event": record.getMessage(),
         }
@@ -133,7 +133,9 @@ class _JsonEventFormatter(logging.Formatter):
 
 class _TextEventFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{_timestamp(record.created)} {record.levelname.lower()} {record.getMessage()}"
+        return (
+            f"{format_timestamp(record.created)} {record.levelname.lower()} {record.getMessage()}"
+        )
 
 
 _SYSLOG_FACILITIES = {

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from . import __version__
 from .config import Config, ConfigError, load_config, quick_config
+from .ctl import ControlError, backend_action, resolve_endpoint, show_status
 from .listener import ListenError
 from .server import configure_logging_for, run
 
@@ -22,7 +23,7 @@ EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
 EXIT_USAGE = 2
 
-SUBCOMMANDS = ("run", "check", "reload")
+SUBCOMMANDS = ("run", "check", "reload", "status", "backend")
 
 _DESCRIPTION = """\
 A TCP bouncer: listens on TCP ports and joins every client to the first destination
@@ -32,6 +33,8 @@ that connects, trying them in order.
   tcpfwd run --config FILE                        services from a TOML file
   tcpfwd check --config FILE                      validate a TOML file and exit
   tcpfwd reload --config FILE                     validate, then make the daemon reload it
+  tcpfwd status --config FILE                     the running daemon's services and backends
+  tcpfwd backend drain|disable|enable SERVICE/BACKEND --config FILE
 
 Example: tcpfwd 127.0.0.1:10025 mail1.internal:25 mail2.internal:25
 """
@@ -92,6 +95,44 @@ def _file_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _control_parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"tcpfwd {command}",
+        description={
+            "status": "Show the running daemon's services, backends and sessions.",
+            "backend": "Drain (no new sessions, live ones finish), disable (no new sessions, "
+            "live ones closed) or enable a backend of the running daemon.",
+        }[command],
+    )
+    if command == "backend":
+        parser.add_argument("action", choices=("drain", "disable", "enable"))
+        parser.add_argument("target", metavar="SERVICE/BACKEND")
+    parser.add_argument("-c", "--config", metavar="FILE", help="find the admin endpoint here")
+    parser.add_argument("--admin", metavar="URL", help="admin endpoint, e.g. http://127.0.0.1:8404")
+    parser.add_argument("--token", help="admin bearer token (default: the file's)")
+    if command == "status":
+        parser.add_argument("--json", action="store_true", help="print the JSON status")
+    return parser
+
+
+def _control(command: str, args_list: list[str]) -> int:
+    args = _control_parser(command).parse_args(args_list)
+    try:
+        config = load_config(args.config) if args.config and not args.admin else None
+        base, token = resolve_endpoint(args, config)
+        if command == "status":
+            print(show_status(base, token, args.json))
+        else:
+            print(backend_action(base, token, args.action, args.target))
+    except ConfigError as error:
+        print(error.report(), file=sys.stderr)
+        return EXIT_USAGE
+    except ControlError as error:
+        print(f"tcpfwd: {error}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    return EXIT_OK
+
+
 def _quick_config(args: argparse.Namespace) -> Config:
     settings: dict[str, object] = {}
     for option in ("connect_timeout", "failover_timeout", "idle_timeout", "source_address"):
@@ -144,6 +185,8 @@ def _signal_reload(config: Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = args_list[0] if args_list and args_list[0] in SUBCOMMANDS else None
+    if command in ("status", "backend"):
+        return _control(command, args_list[1:])
     try:
         if command is None:
             args = _quick_parser().parse_args(args_list)

@@ -328,8 +328,18 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin HTTP endpoint: off unless ``listen`` is set."""
+
+    listen: Address | None = None
+    # Bearer token required by every admin path except /healthz and /readyz.
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     services: tuple[ServiceConfig, ...]
+    admin: AdminConfig = field(default_factory=AdminConfig)
     grace_period: float = 30.0
     log_format: str = "text"
     log_level: str = "info"
@@ -526,6 +536,7 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
             if globals_table.has(key):
                 global_values[key] = globals_table.take(key, parse, None)
         globals_table.reject_unknown()
+    admin = _read_admin(root.subtable("admin"))
     defaults_table = root.subtable("defaults")
     defaults = _read_settings(defaults_table, ServiceSettings())
     if defaults_table is not None:
@@ -551,9 +562,41 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
         raise ConfigError(source, issues)
     return Config(
         services=tuple(services),
+        admin=admin,
         source=source,
         **{k: v for k, v in global_values.items() if v is not None},
     )
+
+
+def _read_admin(table: _Table | None) -> AdminConfig:
+    if table is None:
+        return AdminConfig()
+    listen = table.take("listen", _listen_address, None)
+    token = table.take("token", _token, None)
+    if table.has("token_file"):
+        path = table.key_path("token_file")
+        if token is not None:
+            table.issues.append(ConfigIssue(path, "set token or token_file, not both"))
+        token = table.parse_at(path, table.raw["token_file"], _token_from_file, None)
+    if token is not None and listen is None:
+        table.issues.append(ConfigIssue(table.key_path("listen"), "needed when a token is set"))
+    table.reject_unknown()
+    return AdminConfig(listen=listen, token=token)
+
+
+def _token(value: object) -> str:
+    if not isinstance(value, str) or len(value) < 16 or any(c.isspace() for c in value):
+        raise _Invalid("expected a token of at least 16 characters without spaces")
+    return value
+
+
+def _token_from_file(value: object) -> str:
+    path = _absolute_path(value)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return _token(stream.read().strip())
+    except OSError as error:
+        raise _Invalid(f"cannot read {path}: {error.strerror}") from None
 
 
 def _check_listen_conflicts(services: Sequence[ServiceConfig], issues: list[ConfigIssue]) -> None:

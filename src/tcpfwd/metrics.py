@@ -54,11 +54,12 @@ class Histogram:
 
 
 class BackendStats:
-    __slots__ = ("attempts", "check_seconds", "sessions")
+    __slots__ = ("active", "attempts", "check_seconds", "sessions")
 
     def __init__(self) -> None:
         self.attempts: Counter[str] = Counter()
         self.sessions = 0
+        self.active = 0
         self.check_seconds = Histogram()
 
 

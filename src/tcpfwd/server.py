@@ -29,11 +29,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
+from . import __version__
 from .accesslog import AccessLog, configure_logging, reopen_log_files
 from .config import Address, Config, ConfigError
+from .dialer import OUTCOME_OK
 from .listener import Listener, ListenError, open_listening_sockets
-from .session import REJECT_GLOBAL_LIMIT, ServiceRuntime, Session
+from .session import (
+    ADMIN_DISABLED,
+    ADMIN_ENABLED,
+    REJECT_GLOBAL_LIMIT,
+    DaemonState,
+    ServiceRuntime,
+    Session,
+)
 from .systemd import Notifier, inherited_sockets
 
 # Imported up front, not when the loop is made: after dropping privileges the
@@ -43,6 +53,9 @@ try:
     import uvloop as _uvloop
 except ImportError:  # pragma: no cover - platforms without uvloop
     _uvloop = None
+
+if TYPE_CHECKING:
+    from .admin import AdminServer
 
 log = logging.getLogger("tcpfwd")
 
@@ -134,7 +147,11 @@ class Server:
         self._reload_config = reload_config
         self.notifier = notifier or Notifier()
         self.access_log = AccessLog(config.log_format)
+        self.daemon = DaemonState(self.access_log)
         self.services: dict[str, ServiceRuntime] = {}
+        self.started = time.time()
+        self.admin: AdminServer | None = None
+        self._admin_sock: socket.socket | None = None
         # Listening sockets by the configured address they serve (one address may need
         # several sockets: every interface, or every address of a name).
         self.listeners: dict[ListenKey, list[Listener]] = {}
@@ -169,6 +186,19 @@ class Server:
             log.warning("socket %s passed by systemd is not configured; closing it", _name(sock))
             sock.close()
         self._inherited = []
+        admin = self.config.admin
+        if admin.listen is not None:
+            try:
+                # One socket is enough for an endpoint meant for one management address.
+                first, *extra = open_listening_sockets(admin.listen, 64)
+                for sock in extra:
+                    sock.close()
+                self._admin_sock = first
+            except ListenError:
+                for socks in opened.values():
+                    for sock in socks:
+                        sock.close()
+                raise
         self._install(self.config, opened)
 
     def _bind_new(
@@ -197,9 +227,7 @@ class Server:
                 services[service_config.name] = current
             else:
                 stats = current.stats if current is not None else None
-                services[service_config.name] = ServiceRuntime(
-                    service_config, self.access_log, stats
-                )
+                services[service_config.name] = ServiceRuntime(service_config, self.daemon, stats)
         wanted = {listen_key(s.name, a): s for s in config.services for a in s.listen}
         for address in list(self.listeners):
             if address not in wanted:
@@ -216,6 +244,9 @@ class Server:
                 listener.set_rate(service_config.settings.accept_rate)
         self.services = services
         self.config = config
+        configured = {(s.name, b.name) for s in config.services for b in s.backends}
+        for key in [k for k in self.daemon.admin_states if k not in configured]:
+            del self.daemon.admin_states[key]
 
     def _start_listeners(self) -> None:
         for address_listeners in self.listeners.values():
@@ -351,6 +382,84 @@ class Server:
                 return service.settings.backlog
         return 511
 
+    # --- what the admin endpoint reads and changes --------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._serving and not self._stop_requests
+
+    def service_views(self) -> list[ServiceRuntime]:
+        return list(self.services.values())
+
+    def set_backend_state(self, service: str, backend: str, state: str) -> str | None:
+        runtime = self.services.get(service)
+        if runtime is None:
+            return f"no service {service!r}"
+        if all(b.name != backend for b in runtime.config.backends):
+            return f"service {service!r} has no backend {backend!r}"
+        if state == ADMIN_ENABLED:
+            self.daemon.admin_states.pop((service, backend), None)
+            return None
+        self.daemon.admin_states[(service, backend)] = state
+        if state == ADMIN_DISABLED:
+            for session in list(self.sessions):
+                if session.service.name == service and session.record.backend == backend:
+                    session.abort()
+        return None
+
+    def status(self) -> dict[str, Any]:
+        """Everything the status page shows, as JSON-able data."""
+        services = []
+        for runtime in self.services.values():
+            stats = runtime.stats
+            backends = []
+            for view in runtime.backend_views():
+                backend_stats = stats.backend(view.name)
+                failed = sum(n for o, n in backend_stats.attempts.items() if o != OUTCOME_OK)
+                backends.append(
+                    {
+                        "name": view.name,
+                        "address": view.address,
+                        "health": "up" if view.up else "down",
+                        "admin_state": view.admin_state,
+                        "active": view.active,
+                        "sessions_total": backend_stats.sessions,
+                        "failed_attempts": failed,
+                        "attempts": dict(backend_stats.attempts),
+                    }
+                )
+            services.append(
+                {
+                    "name": runtime.name,
+                    "listen": [
+                        listener.name
+                        for key, group in self.listeners.items()
+                        for listener in group
+                        if self._listener_service.get(listener) is runtime
+                    ],
+                    "policy": "failover",
+                    "active": stats.active,
+                    "sessions_total": sum(stats.ends.values()),
+                    "ends": dict(stats.ends),
+                    "rejected": dict(stats.rejected),
+                    "rejected_total": sum(stats.rejected.values()),
+                    "bytes_from_client": stats.bytes_from_client,
+                    "bytes_from_backend": stats.bytes_from_backend,
+                    "backends": backends,
+                }
+            )
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": self.started,
+            "uptime_s": time.time() - self.started,
+            "state": "serving" if self.ready else "stopping",
+            "config": self.config.source,
+            "sessions": {"active": len(self.sessions), "capacity": self.capacity},
+            "services": services,
+            "recent_failovers": list(self.daemon.recent_failovers),
+        }
+
     # --- stop ------------------------------------------------------------------------
 
     def request_stop(self, signame: str = "request") -> None:
@@ -409,9 +518,16 @@ class Server:
             len(self.services),
             self.capacity,
         )
+        if self._admin_sock is not None:
+            # Imported only when wanted: the HTTP stack costs a noticeable start-up time.
+            from .admin import AdminServer  # noqa: PLC0415
+
+            self.admin = AdminServer(self, self.config.admin.token)
+            await self.admin.start(self._admin_sock)
         self.notifier.ready(self._status_text())
         if self.notifier.enabled:
             self._keep_systemd_informed()
+        self._serving = True
         if on_ready is not None:
             on_ready()
         if self._stop_requests:
@@ -420,6 +536,8 @@ class Server:
         for listener in self._all_listeners():
             listener.close()
         await self._drain()
+        if self.admin is not None:
+            await self.admin.stop()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(signum)
         log.info("stopped")

@@ -15,12 +15,14 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Any, Final
 
-from .accesslog import AccessLog, SessionRecord
+from .accesslog import AccessLog, SessionRecord, format_timestamp
 from .config import BackendConfig, ServiceConfig, format_hostport
-from .dialer import Attempt, Connected, Dialer, configure_socket
+from .dialer import OUTCOME_OK, Attempt, Connected, Dialer, configure_socket
 from .metrics import ServiceStats
 from .relay import END_SHUTDOWN, Endpoint, Relay
 
@@ -46,22 +48,70 @@ REJECT_CLIENT_LIMIT = "client_limit"
 REJECT_GLOBAL_LIMIT = "global_limit"
 
 
+ADMIN_ENABLED: Final = "enabled"
+ADMIN_DRAINING: Final = "draining"
+ADMIN_DISABLED: Final = "disabled"
+RECENT_FAILOVERS = 50
+
+
+@dataclass(slots=True)
+class DaemonState:
+    """What every service shares with the daemon, across reloads."""
+
+    access_log: AccessLog
+    # Administrative state by (service, backend); absent means enabled.
+    admin_states: dict[tuple[str, str], str] = field(default_factory=dict)
+    recent_failovers: deque[dict[str, Any]] = field(
+        default_factory=lambda: deque(maxlen=RECENT_FAILOVERS)
+    )
+
+
+@dataclass(slots=True)
+class BackendView:
+    """A backend as the status page and metrics see it right now."""
+
+    name: str
+    address: str
+    up: bool
+    admin_state: str
+    active: int
+
+
 class ServiceRuntime:
     """What sessions of one service share: its config, dialer, limits and counters."""
 
     def __init__(
-        self, config: ServiceConfig, access_log: AccessLog, stats: ServiceStats | None = None
+        self, config: ServiceConfig, daemon: DaemonState, stats: ServiceStats | None = None
     ) -> None:
         self.config = config
         self.name = config.name
         self.settings = config.settings
         self.dialer = Dialer(config.settings)
-        self.access_log = access_log
+        self.daemon = daemon
+        self.access_log = daemon.access_log
         self.stats = stats or ServiceStats()
+
+    def admin_state(self, backend: str) -> str:
+        return self.daemon.admin_states.get((self.name, backend), ADMIN_ENABLED)
 
     def plan(self, client: tuple[str, int]) -> Sequence[BackendConfig]:
         """The order in which to try the backends for this client."""
-        return self.config.backends
+        states = self.daemon.admin_states
+        if not states:
+            return self.config.backends
+        return [b for b in self.config.backends if (self.name, b.name) not in states]
+
+    def backend_views(self) -> list[BackendView]:
+        return [
+            BackendView(
+                name=backend.name,
+                address=str(backend.address),
+                up=True,
+                admin_state=self.admin_state(backend.name),
+                active=self.stats.backend(backend.name).active,
+            )
+            for backend in self.config.backends
+        ]
 
     def admit(self, client_ip: str) -> str | None:
         """Why a connection from ``client_ip`` must be closed at once, or None to serve it."""
@@ -98,12 +148,31 @@ class ServiceRuntime:
         stats.ends[record.end] += 1
         stats.bytes_from_client += record.from_client
         stats.bytes_from_backend += record.from_backend
+        failed = False
         for attempt in record.attempts:
             stats.backend(attempt.backend).attempts[attempt.outcome] += 1
+            failed = failed or attempt.outcome != OUTCOME_OK
         if record.backend is not None:
-            stats.backend(record.backend).sessions += 1
+            backend = stats.backend(record.backend)
+            backend.sessions += 1
+            backend.active -= 1
         if record.connect_time is not None:
             stats.connect_seconds.observe(record.connect_time)
+        if failed:
+            self.daemon.recent_failovers.append(
+                {
+                    "time": format_timestamp(record.started),
+                    "session": record.session,
+                    "service": self.name,
+                    "client": record.client,
+                    "failed": [
+                        {"backend": a.backend, "address": a.address, "outcome": a.outcome}
+                        for a in record.attempts
+                        if a.outcome != OUTCOME_OK
+                    ],
+                    "backend": record.backend,
+                }
+            )
 
 
 class Session:
@@ -197,6 +266,7 @@ class Session:
             return END_NO_BACKEND
         record = self.record
         record.backend = connected.backend.name
+        self.service.stats.backend(record.backend).active += 1
         record.backend_address = connected.address
         record.local_address = connected.local_address
         relay = Relay(client, connected.endpoint, idle_timeout=settings.idle_timeout)
