@@ -1,0 +1,292 @@
+"""The admin endpoint against a running tcpfwd: probes, status, metrics, token, actions."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from support import connect, echo_server, exchange, recv_all, recv_exactly, refused_port
+
+TOKEN = "s3cret-token-of-enough-length"
+
+
+def admin_config(tmp_path: Path, services: str, token: str | None = None) -> Path:
+    token_line = f'token = "{token}"\n' if token else ""
+    config = tmp_path / "tcpfwd.toml"
+    config.write_text(
+        f'[global]\ngrace_period = "10s"\n[admin]\nlisten = "127.0.0.1:0"\n{token_line}\n{services}'
+    )
+    return config
+
+
+def admin_url(proxy) -> str:
+    line = proxy.wait_for_event("admin endpoint on ")
+    return line.split("admin endpoint on ", 1)[1].strip()
+
+
+def get(url: str, token: str | None = None, method: str = "GET") -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def metrics(
+    url: str, token: str | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = get(url + "/metrics", token)
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def two_backends(first: str, second: str) -> str:
+    return f"""
+[services.mail]
+listen = "127.0.0.1:0"
+backends = [{{ address = "{first}", name = "a" }}, {{ address = "{second}", name = "b" }}]
+"""
+
+
+def test_probes_answer_and_readiness_drops_while_draining(run_tcpfwd, tmp_path):
+    with echo_server() as backend:
+        config = admin_config(tmp_path, two_backends(backend.address, backend.address))
+        proxy = run_tcpfwd("run", "--config", str(config))
+        url = admin_url(proxy)
+        assert get(url + "/healthz") == (200, b"ok\n")
+        assert get(url + "/readyz") == (200, b"ready\n")
+        live = connect(proxy.address("mail"))
+        live.sendall(b"x")
+        assert recv_exactly(live, 1) == b"x"
+        proxy.signal(signal.SIGTERM)
+        proxy.wait_for_event("stopping")
+        # Still answering while it drains, but no longer ready for new traffic.
+        assert get(url + "/readyz")[0] == 503
+        assert get(url + "/healthz")[0] == 200
+        live.close()
+        assert proxy.wait(10) == 0
+
+
+def test_metrics_count_what_the_sessions_did(run_tcpfwd, tmp_path):
+    with refused_port() as dead, echo_server(b"hi\n") as live:
+        config = admin_config(tmp_path, two_backends(dead, live.address))
+        proxy = run_tcpfwd("run", "--config", str(config))
+        url = admin_url(proxy)
+        for _ in range(3):
+            assert exchange(proxy.address("mail"), b"12345") == b"hi\n12345"
+        proxy.wait_for_access(3)
+        samples = metrics(url)
+        mail = (("service", "mail"),)
+        assert samples[("tcpfwd_sessions_total", (("end", "client_closed"), *mail))] == 3
+        assert samples[("tcpfwd_sessions_active", mail)] == 0
+        assert (
+            samples[
+                ("tcpfwd_backend_attempts_total", (("backend", "a"), ("outcome", "refused"), *mail))
+            ]
+            == 3
+        )
+        assert (
+            samples[("tcpfwd_backend_attempts_total", (("backend", "b"), ("outcome", "ok"), *mail))]
+            == 3
+        )
+        assert samples[("tcpfwd_failovers_total", (("reason", "refused"), *mail))] == 3
+        assert samples[("tcpfwd_backend_sessions_total", (("backend", "b"), *mail))] == 3
+        assert samples[("tcpfwd_bytes_total", (("direction", "from_client"), *mail))] == 15
+        assert samples[("tcpfwd_bytes_total", (("direction", "from_backend"), *mail))] == 24
+        assert samples[("tcpfwd_connect_duration_seconds_count", mail)] == 3
+        assert (
+            samples[("tcpfwd_backend_admin_state", (("backend", "a"), *mail, ("state", "enabled")))]
+            == 1
+        )
+
+
+def test_status_json_describes_services_backends_and_recent_failovers(run_tcpfwd, tmp_path):
+    with refused_port() as dead, echo_server() as live:
+        config = admin_config(tmp_path, two_backends(dead, live.address))
+        proxy = run_tcpfwd("run", "--config", str(config))
+        url = admin_url(proxy)
+        exchange(proxy.address("mail"), b"x")
+        proxy.wait_for_access(1)
+        status, body = get(url + "/status")
+        assert status == 200
+        document = json.loads(body)
+        assert document["state"] == "serving"
+        assert document["pid"] == proxy.pid
+        (service,) = document["services"]
+        assert service["name"] == "mail"
+        assert [b["name"] for b in service["backends"]] == ["a", "b"]
+        assert service["backends"][0]["failed_attempts"] == 1
+        assert service["backends"][1]["sessions_total"] == 1
+        (failover,) = document["recent_failovers"]
+        assert failover["failed"][0]["outcome"] == "refused"
+        assert failover["backend"] == "b"
+
+
+def test_token_guards_everything_but_the_probes(run_tcpfwd, tmp_path):
+    with echo_server() as backend:
+        config = admin_config(tmp_path, two_backends(backend.address, backend.address), TOKEN)
+        proxy = run_tcpfwd("run", "--config", str(config))
+        url = admin_url(proxy)
+        for path in ("/status", "/metrics", "/"):
+            assert get(url + path)[0] == 401
+            assert get(url + path, "wrong-token-wrong-token")[0] == 401
+            assert get(url + path, TOKEN)[0] == 200
+        assert get(url + "/backends/mail/a/drain", method="POST")[0] == 401
+        assert get(url + "/healthz")[0] == 200
+        assert get(url + "/readyz")[0] == 200
+
+
+def test_drain_sends_new_sessions_elsewhere_and_lets_live_ones_finish(run_tcpfwd, tmp_path):
+    with echo_server(b"A\n") as first, echo_server(b"B\n") as second:
+        config = admin_config(tmp_path, two_backends(first.address, second.address))
+        proxy = run_tcpfwd("run", "--config", str(config))
+        url = admin_url(proxy)
+        address = proxy.address("mail")
+        live = connect(address)
+        assert recv_exactly(live, 2) == b"A\n"
+        assert get(url + "/backends/mail/a/drain", method="POST")[0] == 200
+        assert exchange(address, b"x") == b"B\nx"
+        live.sendall(b"still")
+        assert recv_exactly(live, 5) == b"still"
+        assert get(url + "/backends/mail/a/enable", method="POST")[0] == 200
+        assert exchange(address, b"y") == b"A\ny"
+        live.close()
+
+
+def test_disable_closes_live_sessions_of_that_backend(run_tcpfwd, tmp_path):
+    with echo_server(b"A\n") as first, echo_server(b"B\n") as second:
+        config = admin_config(tmp_path, two_backends(first.address, second.address))
+        proxy = run_tcpfwd("run", "--config", str(config))
+        url = admin_url(proxy)
+        live = connect(proxy.address("mail"))
+        assert recv_exactly(live, 2) == b"A\n"
+        assert get(url + "/backends/mail/a/disable", method="POST")[0] == 200
+        live.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert recv_all(live) == b""
+        live.close()
+        assert exchange(proxy.address("mail"), b"x") == b"B\nx"
+        assert get(url + "/backends/mail/nope/drain", method="POST")[0] == 404
+        assert get(url + "/backends/mail/a/explode", method="POST")[0] == 404
+
+
+def tcpfwd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tcpfwd", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_status_and_backend_commands_use_the_admin_endpoint_of_the_config(run_tcpfwd, tmp_path):
+    with echo_server(b"A\n") as first, echo_server(b"B\n") as second:
+        config = admin_config(tmp_path, two_backends(first.address, second.address), TOKEN)
+        proxy = run_tcpfwd("run", "--config", str(config))
+        url = admin_url(proxy)
+        # Port 0 in the file: point the commands at the bound port, with the file's token.
+        drained = tcpfwd_cli("backend", "drain", "mail/a", "--admin", url, "--token", TOKEN)
+        assert drained.returncode == 0, drained.stderr
+        assert drained.stdout.strip() == "mail/a: draining"
+        shown = tcpfwd_cli("status", "--admin", url, "--token", TOKEN)
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert lines[0].startswith("tcpfwd ") and "serving" in lines[0]
+        backend_a = next(line for line in lines if line.strip().startswith("a "))
+        assert backend_a.split()[:4] == ["a", first.address, "up", "draining"]
+        refused = tcpfwd_cli("status", "--admin", url)
+        assert refused.returncode == 1
+        assert "401" in refused.stderr
+
+
+def png_size_and_colours(path: Path) -> tuple[int, int, int]:
+    """Width, height and number of distinct pixel rows of an 8-bit RGB(A) PNG."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, chunks, header = 8, [], b""
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        body = data[position + 8 : position + 8 + length]
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            chunks.append(body)
+        position += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", header[:10])
+    assert depth == 8
+    channels = {2: 3, 6: 4}[colour]
+    raw = zlib.decompress(b"".join(chunks))
+    stride = width * channels + 1
+    rows = {raw[i * stride + 1 : (i + 1) * stride] for i in range(height)}
+    return width, height, len(rows)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_status_page_renders_in_headless_chromium(run_tcpfwd, tmp_path):
+    with refused_port() as dead, echo_server() as live:
+        config = admin_config(tmp_path, two_backends(dead, live.address))
+        proxy = run_tcpfwd("run", "--config", str(config))
+        url = admin_url(proxy)
+        exchange(proxy.address("mail"), b"x")
+        proxy.wait_for_access(1)
+        browser = [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--window-size=1200,800",
+        ]
+        dom = subprocess.run(
+            [*browser, "--dump-dom", url + "/"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        # The script ran and filled the tables from /status.
+        assert 'data-service="mail"' in dom.stdout
+        assert 'data-backend="a"' in dom.stdout
+        assert 'data-backend="b"' in dom.stdout
+        assert "refused" in dom.stdout
+        screenshot = tmp_path / "status.png"
+        shot = subprocess.run(
+            [*browser, f"--screenshot={screenshot}", url + "/"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert shot.returncode == 0, shot.stderr[-2000:]
+        width, height, distinct_rows = png_size_and_colours(screenshot)
+        assert (width, height) == (1200, 800)
+        assert distinct_rows > 40, "the page looks blank"
