@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import socket
 import struct
 import threading
@@ -33,12 +34,12 @@ def test_client_half_close_reaches_backend_which_can_still_answer(run_tcpfwd):
 
 
 def test_backend_half_close_reaches_client_which_can_still_send(run_tcpfwd):
-    received: list[bytes] = []
+    received: queue.Queue[bytes] = queue.Queue()
 
     def speak_then_listen(conn: socket.socket) -> None:
         conn.sendall(b"bye")
         conn.shutdown(socket.SHUT_WR)
-        received.append(recv_all(conn))
+        received.put(recv_all(conn))
 
     with ThreadedServer(speak_then_listen) as backend:
         proxy = run_tcpfwd("127.0.0.1:0", backend.address)
@@ -46,8 +47,7 @@ def test_backend_half_close_reaches_client_which_can_still_send(run_tcpfwd):
             assert recv_all(client) == b"bye"
             client.sendall(b"still talking after your EOF")
             client.shutdown(socket.SHUT_WR)
-            proxy.access_records(1)
-        assert received == [b"still talking after your EOF"]
+            assert received.get(timeout=10) == b"still talking after your EOF"
         (record,) = proxy.access_records(1)
         assert record["end"] == "backend_closed"
 
