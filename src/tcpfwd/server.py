@@ -18,7 +18,10 @@ from collections.abc import Callable
 
 from .accesslog import AccessLog
 from .config import Config
+from .health import HealthTable
 from .listener import Listener, ListenError, open_listening_sockets
+from .monitor import HealthKey, HealthMonitor
+from .resolver import Resolver
 from .session import ServiceRuntime, Session
 
 log = logging.getLogger("tcpfwd")
@@ -50,6 +53,11 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.access_log = AccessLog(config.log_format)
+        # The one place backend health lives, keyed by (service, backend name): read by
+        # status pages and metrics, and meant to outlive a configuration reload.
+        self.health: HealthTable[HealthKey] = HealthTable()
+        self.resolver = Resolver()
+        self.monitor = HealthMonitor(self.health, self.resolver)
         self.listeners: list[Listener] = []
         self.sessions: set[Session] = set()
         self._services: dict[Listener, ServiceRuntime] = {}
@@ -65,7 +73,9 @@ class Server:
         bound: list[tuple[ServiceRuntime, socket.socket]] = []
         try:
             for service_config in self.config.services:
-                service = ServiceRuntime(service_config, self.access_log)
+                service = ServiceRuntime(
+                    service_config, self.access_log, self.monitor, self.resolver
+                )
                 for address in service_config.listen:
                     for sock in open_listening_sockets(address, service_config.settings.backlog):
                         bound.append((service, sock))
@@ -136,6 +146,7 @@ class Server:
             len(self.config.services),
             self.capacity,
         )
+        self.monitor.start()
         if on_ready is not None:
             on_ready()
         if self._stop_requests:
@@ -144,6 +155,8 @@ class Server:
         for listener in self.listeners:
             listener.close()
         await self._drain()
+        await self.monitor.stop()
+        await self.resolver.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         log.info("stopped")

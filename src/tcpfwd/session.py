@@ -14,17 +14,26 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Final
 
 from .accesslog import AccessLog, SessionRecord
 from .config import BackendConfig, ServiceConfig, format_hostport
 from .dialer import Attempt, Connected, Dialer, configure_socket
+from .monitor import HealthMonitor
+from .policy import Candidate, PolicyName, Scheduler
 from .relay import END_SHUTDOWN, Endpoint, Relay
+from .resolver import Resolver
 
 END_NO_BACKEND: Final = "no_backend"
 END_CLIENT_ABORTED: Final = "client_aborted"
 END_ERROR: Final = "internal_error"
+
+# Hold mode: pauses between passes over the backends, doubling up to the maximum.
+HOLD_FIRST_PAUSE = 0.25
+HOLD_MAX_PAUSE = 2.0
+# A session line lists at most this many attempts; a long hold counts the rest.
+MAX_LOGGED_ATTEMPTS = 32
 
 log = logging.getLogger("tcpfwd")
 
@@ -38,24 +47,74 @@ def new_session_id() -> str:
 
 
 class ServiceRuntime:
-    """What sessions of one service share: its config, dialer and access log."""
+    """What sessions of one service share: config, dialer, scheduler, health, live counts.
 
-    def __init__(self, config: ServiceConfig, access_log: AccessLog) -> None:
+    ``plan()`` is where policy and health meet: the scheduler orders the backends from
+    their tier, weight, health and live session counts; down backends come last (fail
+    open) and full ones are left out.
+    """
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        access_log: AccessLog,
+        monitor: HealthMonitor,
+        resolver: Resolver,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.settings = config.settings
-        self.dialer = Dialer(config.settings)
+        self.dialer = Dialer(config.settings, resolver)
         self.access_log = access_log
+        self.scheduler = Scheduler(PolicyName(config.settings.policy))
+        self._monitor = monitor
+        self._health = monitor.register(config)
+        self._index = {backend.name: i for i, backend in enumerate(config.backends)}
+        # Sessions connected (or being connected) to each backend, by position.
+        self.active = [0] * len(config.backends)
 
-    def plan(self, client: tuple[str, int]) -> Sequence[BackendConfig]:
+    def plan(self, client: tuple[str, int]) -> list[BackendConfig]:
         """The order in which to try the backends for this client."""
-        return self.config.backends
+        backends = self.config.backends
+        candidates = [
+            Candidate(
+                index=i,
+                tier=backend.tier,
+                weight=backend.weight,
+                up=health is None or health.is_up,
+                available=backend.max_connections is None
+                or self.active[i] < backend.max_connections,
+                active=self.active[i],
+                name=backend.name,
+            )
+            for i, (backend, health) in enumerate(zip(backends, self._health, strict=True))
+        ]
+        return [backends[i] for i in self.scheduler.order(candidates, client[0])]
+
+    # --- AttemptGate: the dialer reports here ----------------------------------------
+
+    def acquire(self, backend: BackendConfig) -> bool:
+        i = self._index[backend.name]
+        if backend.max_connections is not None and self.active[i] >= backend.max_connections:
+            return False
+        self.active[i] += 1
+        return True
+
+    def release(self, backend: BackendConfig) -> None:
+        self.active[self._index[backend.name]] -= 1
+
+    def succeeded(self, backend: BackendConfig) -> None:
+        self._monitor.passive_success(self.name, backend.name)
+
+    def failed(self, backend: BackendConfig, reason: str) -> None:
+        self._monitor.passive_failure(self.name, backend.name, reason)
 
 
 class Session:
     __slots__ = (
         "_client",
         "_client_gone",
+        "_connected",
         "_relay",
         "_sock",
         "_task",
@@ -78,6 +137,7 @@ class Session:
         self._sock = sock
         self._client: Endpoint | None = None
         self._relay: Relay | None = None
+        self._connected: BackendConfig | None = None
         self._task: asyncio.Task[None] | None = None
         self._client_gone = False
         self.record = SessionRecord(
@@ -112,6 +172,8 @@ class Session:
             log.exception("session %s failed", record.session)
             record.end = END_ERROR
             self._close_all()
+        if self._connected is not None:
+            self.service.release(self._connected)
         record.duration = loop.time() - began
         if self._client is not None:
             record.from_client = self._client.received
@@ -136,6 +198,7 @@ class Session:
             if client.transport is not None:
                 client.transport.close()
             return END_NO_BACKEND
+        self._connected = connected.backend
         record = self.record
         record.backend = connected.backend.name
         record.backend_address = connected.address
@@ -146,13 +209,34 @@ class Session:
         return await asyncio.shield(relay.done)
 
     async def _dial(self) -> Connected | None:
-        attempts: list[Attempt] = self.record.attempts
+        """One pass over the plan; in hold mode, passes until one connects or time is up."""
+        service = self.service
+        record = self.record
         loop = asyncio.get_running_loop()
         started = loop.time()
-        connected = await self.service.dialer.connect(self.service.plan(self.peer), attempts)
-        if connected is not None:
-            self.record.connect_time = loop.time() - started
-        return connected
+        hold = service.settings.hold_timeout
+        pause = HOLD_FIRST_PAUSE
+        attempts: list[Attempt] = record.attempts
+        while True:
+            connected = await service.dialer.connect(service.plan(self.peer), attempts, service)
+            if len(attempts) > MAX_LOGGED_ATTEMPTS:
+                # Keep the first pass and the latest attempts: the story's start and end.
+                record.attempts_omitted += len(attempts) - MAX_LOGGED_ATTEMPTS
+                del attempts[MAX_LOGGED_ATTEMPTS // 2 : len(attempts) - MAX_LOGGED_ATTEMPTS // 2]
+            waited = loop.time() - started
+            if connected is not None:
+                record.connect_time = waited
+                if record.held is not None:
+                    record.held = waited
+                return connected
+            if hold is None or waited >= hold:
+                if hold is not None:
+                    record.held = waited
+                return None
+            # Held: the client waits, its bytes kept; its leaving cancels this task.
+            record.held = waited
+            await asyncio.sleep(min(pause, hold - waited))
+            pause = min(pause * 2, HOLD_MAX_PAUSE)
 
     def _client_changed(self) -> None:
         client = self._client
