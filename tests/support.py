@@ -7,6 +7,7 @@ at the end of a ``with`` block, like aiosmtpd's controller.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import json
 import os
@@ -31,13 +32,22 @@ START_TIMEOUT = 15.0
 class ThreadedServer:
     """A listening socket on loopback whose connections are each handled in a thread."""
 
-    def __init__(self, handler: Callable[[socket.socket], None], host: str = LOOPBACK) -> None:
+    def __init__(
+        self,
+        handler: Callable[[socket.socket], None],
+        host: str = LOOPBACK,
+        *,
+        dormant: bool = False,
+    ) -> None:
+        """``dormant``: bound but not listening (connects are refused) until `open`."""
         self._handler = handler
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
-        self.sock.listen(512)
+        self.dormant = dormant
+        if not dormant:
+            self.sock.listen(512)
         self.host = host
         self.port: int = self.sock.getsockname()[1]
         self.accepted = 0
@@ -51,8 +61,18 @@ class ThreadedServer:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def __enter__(self) -> ThreadedServer:
-        self._thread.start()
+        if not self.dormant:
+            self._thread.start()
         return self
+
+    def open(self) -> float:
+        """Start listening on the address held so far (the backend "comes back"); when."""
+        assert self.dormant, "already listening"
+        self.dormant = False
+        self.sock.listen(512)
+        opened = time.time()
+        self._thread.start()
+        return opened
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
@@ -83,7 +103,8 @@ class ThreadedServer:
         for conn in self._conns:
             with contextlib.suppress(OSError):
                 conn.close()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 def echo_handler(greeting: bytes = b"") -> Callable[[socket.socket], None]:
@@ -106,6 +127,49 @@ def echo_handler(greeting: bytes = b"") -> Callable[[socket.socket], None]:
 
 def echo_server(greeting: bytes = b"", host: str = LOOPBACK) -> ThreadedServer:
     return ThreadedServer(echo_handler(greeting), host)
+
+
+def greeter_server(greeting: bytes, host: str = LOOPBACK) -> ThreadedServer:
+    """Sends ``greeting`` (e.g. ``421 too busy``) and closes, as an overloaded server does."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(greeting)
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(10)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    return ThreadedServer(handle, host)
+
+
+def closing_server(host: str = LOOPBACK) -> ThreadedServer:
+    """Accepts each connection and closes it at once without a byte."""
+    return ThreadedServer(lambda conn: None, host)
+
+
+def silent_server(host: str = LOOPBACK) -> ThreadedServer:
+    """Accepts and says nothing until the peer goes away (a hung server)."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(30)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    return ThreadedServer(handle, host)
+
+
+def write_config(directory: Path, text: str) -> str:
+    """A TOML config file in ``directory``; its path, for ``run --config``."""
+    path = directory / "tcpfwd.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def failed_attempts(record: dict[str, Any]) -> list[str]:
+    """The ``failed=`` attempts of a text access record: ``target/outcome/elapsed``."""
+    return [] if record["failed"] == "-" else record["failed"].split(",")
 
 
 @contextlib.contextmanager
@@ -334,3 +398,11 @@ class Tcpfwd:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
+
+
+def event_time(line: str) -> float:
+    """The wall-clock time of a daemon event line (``2024-05-01T12:00:00.123Z ...``)."""
+    stamp = line.split(" ", 1)[0]
+    whole, _, millis = stamp.rstrip("Z").partition(".")
+    moment = time.strptime(whole, "%Y-%m-%dT%H:%M:%S")
+    return calendar.timegm(moment) + int(millis or 0) / 1000

@@ -115,6 +115,7 @@ class Session:
         "_client",
         "_client_gone",
         "_connected",
+        "_holding",
         "_relay",
         "_sock",
         "_task",
@@ -138,6 +139,7 @@ class Session:
         self._client: Endpoint | None = None
         self._relay: Relay | None = None
         self._connected: BackendConfig | None = None
+        self._holding = False
         self._task: asyncio.Task[None] | None = None
         self._client_gone = False
         self.record = SessionRecord(
@@ -235,12 +237,19 @@ class Session:
                 return None
             # Held: the client waits, its bytes kept; its leaving cancels this task.
             record.held = waited
+            self._holding = True
+            self._client_changed()
             await asyncio.sleep(min(pause, hold - waited))
             pause = min(pause * 2, HOLD_MAX_PAUSE)
 
     def _client_changed(self) -> None:
         client = self._client
-        if client is not None and client.lost and not self._client_gone:
+        if client is None or self._client_gone:
+            return
+        # While held, an EOF counts as leaving too (as HAProxy's abortonclose): a client
+        # that has heard nothing from us and stopped sending is almost always gone, and
+        # a FIN cannot be told from a half-close without writing to it.
+        if client.lost or (client.eof and self._holding):
             self._client_gone = True
             if self._task is not None:
                 self._task.cancel()
