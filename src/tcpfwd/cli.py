@@ -81,6 +81,9 @@ def _quick_parser() -> argparse.ArgumentParser:
         "or a regex) before relaying; otherwise try the next backend",
     )
     parser.add_argument(
+        "--greeting-timeout", metavar="DURATION", help="wait for the greeting (default 5s)"
+    )
+    parser.add_argument(
         "--hold-timeout",
         metavar="DURATION",
         help="keep a client waiting this long while no backend can be reached (default off)",
@@ -134,8 +137,11 @@ def _quick_config(args: argparse.Namespace) -> Config:
         if value is not None:
             settings[option] = value
     if args.greeting is not None:
-        is_preset = args.greeting in GREETING_PRESETS
-        settings["greeting"] = args.greeting if is_preset else {"expect": args.greeting}
+        kind = "preset" if args.greeting in GREETING_PRESETS else "expect"
+        greeting: dict[str, object] = {kind: args.greeting}
+        if args.greeting_timeout is not None:
+            greeting["timeout"] = args.greeting_timeout
+        settings["greeting"] = greeting
     health: dict[str, object] = {}
     if args.check is not None:
         health["check"] = args.check

@@ -457,7 +457,8 @@ def _read_health(parent: _Table, base: HealthSettings) -> HealthSettings:
 
 
 def _read_greeting(parent: _Table, base: GreetingSettings | None) -> GreetingSettings | None:
-    """``greeting = "smtp"`` (a preset), ``"off"``, or ``{ expect = "^220", timeout = "5s" }``."""
+    """``greeting = "smtp"`` (a preset), ``"off"``, ``{ expect = "^220", timeout = "5s" }``
+    or ``{ preset = "smtp", timeout = "10s" }``."""
     if not parent.has("greeting"):
         return base
     path = parent.key_path("greeting")
@@ -478,12 +479,13 @@ def _read_greeting(parent: _Table, base: GreetingSettings | None) -> GreetingSet
     table = parent.subtable("greeting")
     if table is None:
         return base
-    if not table.has("expect"):
-        table.issues.append(ConfigIssue(path, "missing key 'expect' (a regex)"))
-    expect = table.take("expect", _regex, "")
+    preset = table.take("preset", _choice(tuple(GREETING_PRESETS)), None)
+    if table.has("expect") == table.has("preset"):
+        table.issues.append(ConfigIssue(path, "needs either 'expect' (a regex) or 'preset'"))
+    expect = table.take("expect", _regex, GREETING_PRESETS.get(preset or "", ""))
     timeout = table.take("timeout", _positive_duration, _default(GreetingSettings, "timeout"))
     table.reject_unknown()
-    return GreetingSettings(expect, timeout) if expect else base
+    return GreetingSettings(expect, timeout, preset) if expect else base
 
 
 def _read_backend(
