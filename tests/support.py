@@ -10,6 +10,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -406,3 +407,62 @@ def event_time(line: str) -> float:
     whole, _, millis = stamp.rstrip("Z").partition(".")
     moment = time.strptime(whole, "%Y-%m-%dT%H:%M:%S")
     return calendar.timegm(moment) + int(millis or 0) / 1000
+
+
+class SmtpBackend:
+    """A real SMTP server (aiosmtpd) on loopback, and what it logged, per client.
+
+    ``with SmtpBackend() as smtp:`` starts it in its own thread; ``smtp.log`` holds its
+    ``mail.log`` records as ``(peer port, level, message)``.
+    """
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller  # noqa: PLC0415 -- test extra only
+
+        # aiosmtpd's controller cannot listen on port 0: take a free port, then hand it over.
+        with socket.socket() as probe:
+            probe.bind((LOOPBACK, 0))
+            self.port = probe.getsockname()[1]
+        self.address = f"{LOOPBACK}:{self.port}"
+        self.log: list[tuple[int, int, str]] = []
+        self._logger = logging.getLogger("mail.log")
+        self._handler = _ListHandler(self.log)
+        self._controller = Controller(_AcceptAll(), hostname=LOOPBACK, port=self.port)
+
+    def __enter__(self) -> SmtpBackend:
+        self._controller.start()
+        # The controller's own readiness probe is not a client of the test: forget it.
+        self._logger.addHandler(self._handler)
+        self._previous_level = self._logger.level
+        self._logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._controller.stop()
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._previous_level)
+
+    def sessions(self) -> dict[int, list[str]]:
+        """Messages by client port, in order."""
+        by_peer: dict[int, list[str]] = {}
+        for peer, _level, message in list(self.log):
+            by_peer.setdefault(peer, []).append(message)
+        return by_peer
+
+
+class _AcceptAll:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return "250 OK"
+
+
+class _ListHandler(logging.Handler):
+    _PEER = re.compile(r"^\('[\d.]+', (\d+)\) (.*)$")
+
+    def __init__(self, into: list[tuple[int, int, str]]) -> None:
+        super().__init__(logging.DEBUG)
+        self._into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self._PEER.match(record.getMessage())
+        if match:
+            self._into.append((int(match.group(1)), record.levelno, match.group(2)))
