@@ -446,7 +446,8 @@ def _read_health(parent: _Table, base: HealthSettings) -> HealthSettings:
     table.reject_unknown()
     health = replace(base, **changes)
     # Reported where the check kind is set, not again at every level that inherits it.
-    if "check" in changes and health.check == "send" and health.expect is None:
+    missing_expect = health.expect is None and "expect" not in table.raw
+    if "check" in changes and health.check == "send" and missing_expect:
         table.issues.append(
             ConfigIssue(table.key_path("check"), "check = 'send' needs 'expect' (a regex)")
         )

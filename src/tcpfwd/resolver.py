@@ -21,12 +21,15 @@ import contextlib
 import functools
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 # How long a failed lookup is remembered; short, so a fixed DNS record is seen soon.
 NEGATIVE_TTL = 5.0
 
 Addresses = tuple[tuple[str, int], ...]
+GetAddrInfo = Callable[..., Awaitable[list[tuple[Any, ...]]]]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -48,18 +51,28 @@ class _Entry:
 class Resolver:
     """``resolve(host, port, ttl)``: every address of a name, in the resolver's order."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        getaddrinfo: GetAddrInfo | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``getaddrinfo`` and ``clock`` default to the running loop's (tests pass fakes)."""
+        self._getaddrinfo = getaddrinfo
+        self._clock = clock
         self._entries: dict[tuple[str, int], _Entry] = {}
         self._pending: dict[tuple[str, int], asyncio.Future[Addresses]] = {}
+
+    def _now(self) -> float:
+        return self._clock() if self._clock else asyncio.get_running_loop().time()
 
     async def resolve(self, host: str, port: int, ttl: float) -> Addresses:
         """Raises OSError (``socket.gaierror``) when the name cannot be resolved."""
         if is_ip_literal(host):
             return ((host, port),)
-        loop = asyncio.get_running_loop()
         key = (host, port)
         entry = self._entries.get(key)
-        now = loop.time()
+        now = self._now()
         if entry is not None:
             if entry.expires > now:
                 if entry.error is not None:
@@ -90,18 +103,18 @@ class Resolver:
             future.exception()
 
     async def _query(self, key: tuple[str, int], ttl: float) -> Addresses:
-        loop = asyncio.get_running_loop()
         host, port = key
+        getaddrinfo = self._getaddrinfo or asyncio.get_running_loop().getaddrinfo
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as error:
             old = self._entries.get(key)
             gone = isinstance(error, socket.gaierror) and error.errno == socket.EAI_NONAME
             if old is not None and old.addresses is not None and not gone:
                 # Serve stale: retry after the negative TTL, keep answering meanwhile.
-                old.expires = loop.time() + NEGATIVE_TTL
+                old.expires = self._now() + NEGATIVE_TTL
                 return old.addresses
-            self._entries[key] = _Entry(None, error, loop.time() + NEGATIVE_TTL)
+            self._entries[key] = _Entry(None, error, self._now() + NEGATIVE_TTL)
             raise
         addresses: list[tuple[str, int]] = []
         for _family, _type, _proto, _name, sockaddr in infos:
@@ -110,7 +123,7 @@ class Resolver:
                 addresses.append(address)
         result = tuple(addresses)
         if ttl > 0:
-            self._entries[key] = _Entry(result, None, loop.time() + ttl)
+            self._entries[key] = _Entry(result, None, self._now() + ttl)
         else:
             self._entries.pop(key, None)
         return result
