@@ -118,6 +118,9 @@ class Server:
         if self._stopping is None:
             return
         if self._stop_requests == 1:
+            # Stop accepting before saying so: whoever reads "stopping" may rely on it.
+            for listener in self.listeners:
+                listener.close()
             log.info(
                 "%s received: stopping; live sessions get %ss", signame, self.config.grace_period
             )
