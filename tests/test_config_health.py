@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -190,3 +193,11 @@ def test_quick_mode_flags_become_service_settings():
     assert settings.hold_timeout == 5.0
     assert settings.greeting is not None and settings.greeting.preset == "smtp"
     assert (settings.health.check, settings.health.passive) == ("smtp", False)
+
+
+def test_every_config_example_in_the_failover_docs_is_valid():
+    text = (Path(__file__).parent.parent / "docs" / "failover.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        parse_config(tomllib.loads(block), "docs/failover.md")
