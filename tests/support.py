@@ -7,8 +7,10 @@ at the end of a ``with`` block, like aiosmtpd's controller.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -31,13 +33,22 @@ START_TIMEOUT = 15.0
 class ThreadedServer:
     """A listening socket on loopback whose connections are each handled in a thread."""
 
-    def __init__(self, handler: Callable[[socket.socket], None], host: str = LOOPBACK) -> None:
+    def __init__(
+        self,
+        handler: Callable[[socket.socket], None],
+        host: str = LOOPBACK,
+        *,
+        dormant: bool = False,
+    ) -> None:
+        """``dormant``: bound but not listening (connects are refused) until `open`."""
         self._handler = handler
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
-        self.sock.listen(512)
+        self.dormant = dormant
+        if not dormant:
+            self.sock.listen(512)
         self.host = host
         self.port: int = self.sock.getsockname()[1]
         self.accepted = 0
@@ -51,8 +62,18 @@ class ThreadedServer:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def __enter__(self) -> ThreadedServer:
-        self._thread.start()
+        if not self.dormant:
+            self._thread.start()
         return self
+
+    def open(self) -> float:
+        """Start listening on the address held so far (the backend "comes back"); when."""
+        assert self.dormant, "already listening"
+        self.dormant = False
+        self.sock.listen(512)
+        opened = time.time()
+        self._thread.start()
+        return opened
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
@@ -83,7 +104,8 @@ class ThreadedServer:
         for conn in self._conns:
             with contextlib.suppress(OSError):
                 conn.close()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 def echo_handler(greeting: bytes = b"") -> Callable[[socket.socket], None]:
@@ -106,6 +128,49 @@ def echo_handler(greeting: bytes = b"") -> Callable[[socket.socket], None]:
 
 def echo_server(greeting: bytes = b"", host: str = LOOPBACK) -> ThreadedServer:
     return ThreadedServer(echo_handler(greeting), host)
+
+
+def greeter_server(greeting: bytes, host: str = LOOPBACK) -> ThreadedServer:
+    """Sends ``greeting`` (e.g. ``421 too busy``) and closes, as an overloaded server does."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(greeting)
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(10)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    return ThreadedServer(handle, host)
+
+
+def closing_server(host: str = LOOPBACK) -> ThreadedServer:
+    """Accepts each connection and closes it at once without a byte."""
+    return ThreadedServer(lambda conn: None, host)
+
+
+def silent_server(host: str = LOOPBACK) -> ThreadedServer:
+    """Accepts and says nothing until the peer goes away (a hung server)."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(30)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    return ThreadedServer(handle, host)
+
+
+def write_config(directory: Path, text: str) -> str:
+    """A TOML config file in ``directory``; its path, for ``run --config``."""
+    path = directory / "tcpfwd.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def failed_attempts(record: dict[str, Any]) -> list[str]:
+    """The ``failed=`` attempts of a text access record: ``target/outcome/elapsed``."""
+    return [] if record["failed"] == "-" else record["failed"].split(",")
 
 
 @contextlib.contextmanager
@@ -354,3 +419,70 @@ class Tcpfwd:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
+
+
+def event_time(line: str) -> float:
+    """The wall-clock time of a daemon event line (``2024-05-01T12:00:00.123Z ...``)."""
+    stamp = line.split(" ", 1)[0]
+    whole, _, millis = stamp.rstrip("Z").partition(".")
+    moment = time.strptime(whole, "%Y-%m-%dT%H:%M:%S")
+    return calendar.timegm(moment) + int(millis or 0) / 1000
+
+
+class SmtpBackend:
+    """A real SMTP server (aiosmtpd) on loopback, and what it logged, per client.
+
+    ``with SmtpBackend() as smtp:`` starts it in its own thread; ``smtp.log`` holds its
+    ``mail.log`` records as ``(peer port, level, message)``.
+    """
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller  # noqa: PLC0415 -- test extra only
+
+        # aiosmtpd's controller cannot listen on port 0: take a free port, then hand it over.
+        with socket.socket() as probe:
+            probe.bind((LOOPBACK, 0))
+            self.port = probe.getsockname()[1]
+        self.address = f"{LOOPBACK}:{self.port}"
+        self.log: list[tuple[int, int, str]] = []
+        self._logger = logging.getLogger("mail.log")
+        self._handler = _ListHandler(self.log)
+        self._controller = Controller(_AcceptAll(), hostname=LOOPBACK, port=self.port)
+
+    def __enter__(self) -> SmtpBackend:
+        self._controller.start()
+        # The controller's own readiness probe is not a client of the test: forget it.
+        self._logger.addHandler(self._handler)
+        self._previous_level = self._logger.level
+        self._logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._controller.stop()
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._previous_level)
+
+    def sessions(self) -> dict[int, list[str]]:
+        """Messages by client port, in order."""
+        by_peer: dict[int, list[str]] = {}
+        for peer, _level, message in list(self.log):
+            by_peer.setdefault(peer, []).append(message)
+        return by_peer
+
+
+class _AcceptAll:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return "250 OK"
+
+
+class _ListHandler(logging.Handler):
+    _PEER = re.compile(r"^\('[\d.]+', (\d+)\) (.*)$")
+
+    def __init__(self, into: list[tuple[int, int, str]]) -> None:
+        super().__init__(logging.DEBUG)
+        self._into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self._PEER.match(record.getMessage())
+        if match:
+            self._into.append((int(match.group(1)), record.levelno, match.group(2)))

@@ -97,17 +97,20 @@ def test_metrics_count_what_the_sessions_did(run_tcpfwd, tmp_path):
         mail = (("service", "mail"),)
         assert samples[("tcpfwd_sessions_total", (("end", "client_closed"), *mail))] == 3
         assert samples[("tcpfwd_sessions_active", mail)] == 0
+        # Passive health marks "a" down after its first refusal; later sessions skip it.
         assert (
             samples[
                 ("tcpfwd_backend_attempts_total", (("backend", "a"), ("outcome", "refused"), *mail))
             ]
-            == 3
+            == 1
         )
+        assert samples[("tcpfwd_backend_up", (("backend", "a"), *mail))] == 0
+        assert samples[("tcpfwd_backend_up", (("backend", "b"), *mail))] == 1
         assert (
             samples[("tcpfwd_backend_attempts_total", (("backend", "b"), ("outcome", "ok"), *mail))]
             == 3
         )
-        assert samples[("tcpfwd_failovers_total", (("reason", "refused"), *mail))] == 3
+        assert samples[("tcpfwd_failovers_total", (("reason", "refused"), *mail))] == 1
         assert samples[("tcpfwd_backend_sessions_total", (("backend", "b"), *mail))] == 3
         assert samples[("tcpfwd_bytes_total", (("direction", "from_client"), *mail))] == 15
         assert samples[("tcpfwd_bytes_total", (("direction", "from_backend"), *mail))] == 24

@@ -33,9 +33,9 @@ def test_second_backend_used_when_first_refuses(run_tcpfwd):
         assert record["failed"].startswith(f"{dead}/refused/")
 
 
-def test_every_connection_tries_the_list_again_in_order(run_tcpfwd):
+def test_without_passive_health_every_connection_tries_the_list_again_in_order(run_tcpfwd):
     with refused_port() as dead, echo_server(b"two\n") as live:
-        proxy = run_tcpfwd("127.0.0.1:0", dead, live.address)
+        proxy = run_tcpfwd("127.0.0.1:0", dead, live.address, "--no-passive-health")
         for _ in range(5):
             assert exchange(proxy.address(), b"x") == b"two\nx"
         records = proxy.access_records(5)

@@ -37,6 +37,10 @@ class SessionRecord:
     backend_address: str | None = None
     local_address: str | None = None
     connect_time: float | None = None
+    # Hold mode: how long the client was kept waiting for a backend (None: not held).
+    held: float | None = None
+    # Attempts left out of ``attempts`` to keep the line short (a long hold).
+    attempts_omitted: int = 0
     from_client: int = 0
     from_backend: int = 0
     duration: float = 0.0
@@ -61,6 +65,8 @@ def _attempt_target(attempt: Attempt) -> str:
 def format_text(record: SessionRecord) -> str:
     failed = [a for a in record.attempts if a.outcome != OUTCOME_OK]
     tried = ",".join(f"{_attempt_target(a)}/{a.outcome}/{_ms(a.elapsed)}" for a in failed)
+    if record.attempts_omitted:
+        tried += f",+{record.attempts_omitted}"
     parts = [
         format_timestamp(record.started),
         f"session={record.session}",
@@ -72,6 +78,7 @@ def format_text(record: SessionRecord) -> str:
         f"local={record.local_address or '-'}",
         f"failed={tried or '-'}",
         f"connect={_ms(record.connect_time) if record.connect_time is not None else '-'}",
+        f"held={f'{record.held:.3f}s' if record.held is not None else '-'}",
         f"from_client={record.from_client}",
         f"from_backend={record.from_backend}",
         f"duration={record.duration:.3f}s",
@@ -99,7 +106,9 @@ def format_json(record: SessionRecord) -> str:
             }
             for a in record.attempts
         ],
+        "attempts_omitted": record.attempts_omitted,
         "connect_ms": None if record.connect_time is None else round(record.connect_time * 1000, 3),
+        "held_s": None if record.held is None else round(record.held, 6),
         "from_client": record.from_client,
         "from_backend": record.from_backend,
         "duration_s": round(record.duration, 6),

@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from . import __version__
-from .config import Config, ConfigError, load_config, quick_config
+from .config import (
+    CHECK_KINDS,
+    GREETING_PRESETS,
+    POLICIES,
+    Config,
+    ConfigError,
+    load_config,
+    quick_config,
+)
 from .ctl import ControlError, backend_action, resolve_endpoint, show_status
 from .listener import ListenError
 from .server import configure_logging_for, run
@@ -70,6 +78,33 @@ def _quick_parser() -> argparse.ArgumentParser:
         "--idle-timeout", metavar="DURATION", help="close idle sessions (default off)"
     )
     parser.add_argument("--source-address", metavar="IP", help="local address towards backends")
+    parser.add_argument("--policy", choices=POLICIES, help="order of attempts (default failover)")
+    parser.add_argument(
+        "--greeting",
+        metavar="PRESET|REGEX",
+        help=f"require the backend's first line to match ({', '.join(GREETING_PRESETS)}, "
+        "or a regex) before relaying; otherwise try the next backend",
+    )
+    parser.add_argument(
+        "--greeting-timeout", metavar="DURATION", help="wait for the greeting (default 5s)"
+    )
+    parser.add_argument(
+        "--hold-timeout",
+        metavar="DURATION",
+        help="keep a client waiting this long while no backend can be reached (default off)",
+    )
+    parser.add_argument(
+        "--check",
+        choices=[kind for kind in CHECK_KINDS if kind != "send"],
+        help="active health check of every backend (default none)",
+    )
+    parser.add_argument("--check-interval", metavar="DURATION", help="default 2s")
+    parser.add_argument(
+        "--no-passive-health",
+        action="store_true",
+        help="do not mark backends down when client connections to them fail",
+    )
+    parser.add_argument("--dns-ttl", metavar="DURATION", help="reuse resolved names (default 30s)")
     parser.add_argument("--no-keepalive", action="store_true", help="no TCP keepalive")
     parser.add_argument("--no-nodelay", action="store_true", help="leave Nagle's algorithm on")
     parser.add_argument(
@@ -135,10 +170,33 @@ def _control(command: str, args_list: list[str]) -> int:
 
 def _quick_config(args: argparse.Namespace) -> Config:
     settings: dict[str, object] = {}
-    for option in ("connect_timeout", "failover_timeout", "idle_timeout", "source_address"):
+    for option in (
+        "connect_timeout",
+        "failover_timeout",
+        "idle_timeout",
+        "source_address",
+        "policy",
+        "hold_timeout",
+        "dns_ttl",
+    ):
         value = getattr(args, option)
         if value is not None:
             settings[option] = value
+    if args.greeting is not None:
+        kind = "preset" if args.greeting in GREETING_PRESETS else "expect"
+        greeting: dict[str, object] = {kind: args.greeting}
+        if args.greeting_timeout is not None:
+            greeting["timeout"] = args.greeting_timeout
+        settings["greeting"] = greeting
+    health: dict[str, object] = {}
+    if args.check is not None:
+        health["check"] = args.check
+    if args.check_interval is not None:
+        health["interval"] = args.check_interval
+    if args.no_passive_health:
+        health["passive"] = False
+    if health:
+        settings["health"] = health
     if args.no_keepalive:
         settings["keepalive"] = False
     if args.no_nodelay:

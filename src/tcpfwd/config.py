@@ -276,6 +276,28 @@ def _identifier(value: object) -> str:
     return value
 
 
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"expected a non-empty string, got {_kind(value)}")
+    return value
+
+
+def _regex(value: object) -> str:
+    text = _text(value)
+    try:
+        re.compile(text.encode("utf-8"))
+    except re.error as error:
+        raise _Invalid(f"{text!r} is not a valid regular expression: {error}") from None
+    return text
+
+
+def _ehlo_name(value: object) -> str:
+    text = _text(value)
+    if not _HOSTNAME.match(text):
+        raise _Invalid(f"{text!r} is not a host name")
+    return text
+
+
 def _kind(value: object) -> str:
     names = {str: "a string", bool: "a boolean", int: "a number", float: "a number"}
     names |= {list: "a list", dict: "a table"}
@@ -285,10 +307,58 @@ def _kind(value: object) -> str:
 # --- the configuration objects --------------------------------------------------------
 
 
+POLICIES = ("failover", "round-robin", "least-connections", "random", "source-hash")
+CHECK_KINDS = ("none", "tcp", "send", "smtp")
+# Greeting presets for server-speaks-first protocols: the first line a ready server sends.
+GREETING_PRESETS = {
+    "smtp": "^220[ -]",
+    "ftp": "^220[ -]",
+    "pop3": r"^\+OK",
+    "imap": r"^\* (OK|PREAUTH)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Passive marks and active checks of one backend (``health = {...}``)."""
+
+    # Count the outcome of real client connections (refused, timeout, bad greeting).
+    passive: bool = True
+    fall: int = 1
+    rise: int = 2
+    # The active check: "none" means only a recovery probe while the backend is down.
+    check: str = "none"
+    interval: float = 2.0
+    timeout: float = 2.0
+    send: str | None = None
+    expect: str | None = None
+    ehlo: str = "localhost"
+
+    @property
+    def tracked(self) -> bool:
+        """Whether health is kept at all (otherwise the backend is always up)."""
+        return self.passive or self.check != "none"
+
+
+@dataclass(frozen=True, slots=True)
+class GreetingSettings:
+    """Wait for the backend's first line and require it to match before relaying."""
+
+    expect: str
+    timeout: float = 5.0
+    # The preset it came from ("smtp", ...), if any: the recovery probe speaks it.
+    preset: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     name: str
     address: Address
+    # Tiers are tried in ascending order; the policy orders backends within a tier.
+    tier: int = 0
+    weight: int = 1
+    max_connections: int | None = None
+    health: HealthSettings = field(default_factory=HealthSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +387,13 @@ class ServiceSettings:
     max_connections_per_client: int | None = None
     # New connections per second per listener; excess ones wait in the listen queue.
     accept_rate: float | None = None
+    policy: str = "failover"
+    health: HealthSettings = field(default_factory=HealthSettings)
+    greeting: GreetingSettings | None = None
+    # Keep a client open while no backend can be reached, retrying; None: close at once.
+    hold_timeout: float | None = None
+    # How long a resolved backend name is reused; 0 resolves on every attempt.
+    dns_ttl: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,8 +452,26 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "max_connections": _optional_count,
     "max_connections_per_client": _optional_count,
     "accept_rate": _optional_rate,
+    "policy": _choice(POLICIES),
+    "hold_timeout": _optional_duration,
+    "dns_ttl": parse_duration,
 }
-assert set(_SETTING_PARSERS) == {f.name for f in fields(ServiceSettings)}
+# Settings that are tables, merged key by key over what they inherit.
+_TABLE_SETTINGS = ("health", "greeting")
+assert set(_SETTING_PARSERS) | set(_TABLE_SETTINGS) == {f.name for f in fields(ServiceSettings)}
+
+_HEALTH_PARSERS: dict[str, Callable[[object], Any]] = {
+    "passive": _boolean,
+    "fall": _int_between(1, 100),
+    "rise": _int_between(1, 100),
+    "check": _choice(CHECK_KINDS),
+    "interval": _positive_duration,
+    "timeout": _positive_duration,
+    "send": _text,
+    "expect": _regex,
+    "ehlo": _ehlo_name,
+}
+assert set(_HEALTH_PARSERS) == {f.name for f in fields(HealthSettings)}
 
 _GLOBAL_PARSERS: dict[str, Callable[[object], Any]] = {
     "grace_period": parse_duration,
@@ -440,19 +535,84 @@ class _Table:
                 self.issues.append(ConfigIssue(self.key_path(key), "unknown key"))
 
 
+def _default(cls: type, name: str) -> Any:
+    """A dataclass field's default (slots dataclasses have no class attribute for it)."""
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
 def _read_settings(table: _Table | None, base: ServiceSettings) -> ServiceSettings:
     if table is None:
         return base
     changes = {
         key: table.take(key, parse, getattr(base, key)) for key, parse in _SETTING_PARSERS.items()
     }
+    changes["health"] = _read_health(table, base.health)
+    changes["greeting"] = _read_greeting(table, base.greeting)
     return replace(base, **changes)
 
 
-def _read_backend(table: _Table, path: str, value: object) -> BackendConfig | None:
+def _read_health(parent: _Table, base: HealthSettings) -> HealthSettings:
+    """``health = {...}``: each key given overrides the inherited one."""
+    table = parent.subtable("health")
+    if table is None:
+        return base
+    changes = {
+        key: table.take(key, parse, getattr(base, key))
+        for key, parse in _HEALTH_PARSERS.items()
+        if table.has(key)
+    }
+    table.reject_unknown()
+    health = replace(base, **changes)
+    # Reported where the check kind is set, not again at every level that inherits it.
+    missing_expect = health.expect is None and "expect" not in table.raw
+    if "check" in changes and health.check == "send" and missing_expect:
+        table.issues.append(
+            ConfigIssue(table.key_path("check"), "check = 'send' needs 'expect' (a regex)")
+        )
+    for key in ("send", "expect"):
+        if key in changes and health.check != "send":
+            table.issues.append(ConfigIssue(table.key_path(key), "only used with check = 'send'"))
+    return health
+
+
+def _read_greeting(parent: _Table, base: GreetingSettings | None) -> GreetingSettings | None:
+    """``greeting = "smtp"`` (a preset), ``"off"``, ``{ expect = "^220", timeout = "5s" }``
+    or ``{ preset = "smtp", timeout = "10s" }``."""
+    if not parent.has("greeting"):
+        return base
+    path = parent.key_path("greeting")
+    value = parent.raw["greeting"]
+    if value is False or value == "off":
+        return None
+    if isinstance(value, str):
+        if value not in GREETING_PRESETS:
+            parent.issues.append(
+                ConfigIssue(
+                    path,
+                    f"{value!r} is not a preset ({', '.join(GREETING_PRESETS)}) or 'off'; "
+                    "write { expect = 'regex' } for others",
+                )
+            )
+            return base
+        return GreetingSettings(GREETING_PRESETS[value], preset=value)
+    table = parent.subtable("greeting")
+    if table is None:
+        return base
+    preset = table.take("preset", _choice(tuple(GREETING_PRESETS)), None)
+    if table.has("expect") == table.has("preset"):
+        table.issues.append(ConfigIssue(path, "needs either 'expect' (a regex) or 'preset'"))
+    expect = table.take("expect", _regex, GREETING_PRESETS.get(preset or "", ""))
+    timeout = table.take("timeout", _positive_duration, _default(GreetingSettings, "timeout"))
+    table.reject_unknown()
+    return GreetingSettings(expect, timeout, preset) if expect else base
+
+
+def _read_backend(
+    table: _Table, path: str, value: object, health: HealthSettings
+) -> BackendConfig | None:
     if isinstance(value, str):
         address = table.parse_at(path, value, parse_address, None)
-        return BackendConfig(str(address), address) if address else None
+        return BackendConfig(str(address), address, health=health) if address else None
     if not isinstance(value, dict):
         table.issues.append(
             ConfigIssue(path, f"expected 'host:port' or a table, got {_kind(value)}")
@@ -465,8 +625,14 @@ def _read_backend(table: _Table, path: str, value: object) -> BackendConfig | No
         return None
     address = entry.take("address", parse_address, None)
     name = entry.take("name", _name, str(address) if address else "")
+    tier = entry.take("tier", _int_between(-1000, 1000), _default(BackendConfig, "tier"))
+    weight = entry.take("weight", _int_between(0, 1000), _default(BackendConfig, "weight"))
+    max_connections = entry.take("max_connections", _int_between(1, 10_000_000), None)
+    backend_health = _read_health(entry, health)
     entry.reject_unknown()
-    return BackendConfig(name, address) if address else None
+    if address is None:
+        return None
+    return BackendConfig(name, address, tier, weight, max_connections, backend_health)
 
 
 def _name(value: object) -> str:
@@ -504,17 +670,18 @@ def _read_service(name: str, table: _Table, defaults: ServiceSettings) -> Servic
         if parsed in listen:
             table.issues.append(ConfigIssue(path, f"{parsed} is listed twice"))
         listen.append(parsed)
+    # Settings first: backends inherit the service's health settings and may override them.
+    settings = _read_settings(table, defaults)
     backends: list[BackendConfig] = []
     raw_backends = _read_list(table, "backends")
     for i, value in enumerate(raw_backends):
         path = f"{table.key_path('backends')}[{i}]"
-        backend = _read_backend(table, path, value)
+        backend = _read_backend(table, path, value, settings.health)
         if backend is None:
             continue
         if any(b.name == backend.name for b in backends):
             table.issues.append(ConfigIssue(path, f"backend name {backend.name!r} is used twice"))
         backends.append(backend)
-    settings = _read_settings(table, defaults)
     table.reject_unknown()
     if not listen or len(backends) != len(raw_backends) or not backends:
         return None

@@ -1,23 +1,31 @@
 """The failover sequence: try backends in the order given, return the first that connects.
 
-Each backend is resolved when it is tried (a name that does not resolve is a failed
-attempt, not an error of the daemon), and each address it resolves to is tried in turn.
-Every attempt, failed or not, is recorded with its reason for the session's log line.
+Each backend is resolved when it is tried, through the shared cache (a name that does not
+resolve is a failed attempt, not an error of the daemon), and each address it resolves to
+is tried in turn. Where the service expects a greeting, "connects" means the backend's
+first line arrived and matched: it waits in the backend endpoint's held bytes (the relay
+forwards it later), while the client's bytes wait in the client endpoint; a backend that
+closes, resets, stays silent or greets otherwise is a failed attempt like a refusal, and
+the client, having received nothing, is moved on transparently.
+
+Every attempt, failed or not, is recorded with its reason for the session's log line, and
+each backend's outcome is reported to the caller's `AttemptGate` (passive health).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import functools
-import ipaddress
+import re
 import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from .config import BackendConfig, ServiceSettings, format_hostport
 from .relay import Endpoint
+from .resolver import Resolver
 
 OUTCOME_OK = "ok"
 OUTCOME_REFUSED = "refused"
@@ -25,9 +33,22 @@ OUTCOME_TIMEOUT = "timeout"
 OUTCOME_UNREACHABLE = "unreachable"
 OUTCOME_DNS = "dns"
 OUTCOME_FAILOVER_TIMEOUT = "failover_timeout"
+# The backend is at its max_connections: skipped without a connect.
+OUTCOME_FULL = "full"
+OUTCOME_GREETING_TIMEOUT = "greeting_timeout"
+OUTCOME_GREETING_CLOSED = "greeting_closed"
+OUTCOME_GREETING_RESET = "greeting_reset"
+OUTCOME_GREETING_TOO_LONG = "greeting_too_long"
+# Followed by ":" and the greeting's first word, e.g. "greeting_mismatch:421".
+OUTCOME_GREETING_MISMATCH = "greeting_mismatch"
+
+# A greeting's first line must end within this many bytes.
+MAX_GREETING_LINE = 512
+_FIRST_WORD = re.compile(rb"[A-Za-z0-9+*.-]{1,16}")
 
 # Below this, an attempt could not even complete a loopback handshake: do not start it.
 MIN_ATTEMPT_TIME = 0.001
+# Measurements use time.monotonic(): uvloop's loop.time() only has millisecond resolution.
 
 _UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
 
@@ -48,13 +69,18 @@ class Connected:
     local_address: str
 
 
-@functools.lru_cache(maxsize=1024)
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+class AttemptGate(Protocol):
+    """What the dialer asks of its caller about each backend it tries."""
+
+    def acquire(self, backend: BackendConfig) -> bool:
+        """Reserve a connection slot (max_connections); False: the backend is full."""
+
+    def release(self, backend: BackendConfig) -> None:
+        """Give back a slot whose attempt failed (a connected one is the caller's)."""
+
+    def succeeded(self, backend: BackendConfig) -> None: ...
+
+    def failed(self, backend: BackendConfig, reason: str) -> None: ...
 
 
 def describe_failure(error: BaseException) -> str:
@@ -96,67 +122,79 @@ def configure_socket(sock: socket.socket | object, settings: ServiceSettings) ->
 class Dialer:
     """Connects to a service's backends in a given order, within the service's timeouts."""
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, resolver: Resolver) -> None:
         self.settings = settings
+        self._resolver = resolver
         self._local_addr = (settings.source_address, 0) if settings.source_address else None
-
-    def _budget(self, now: float, deadline: float | None) -> float | None:
-        """Time allowed for the next attempt; None once the failover deadline is spent."""
-        budget = self.settings.connect_timeout
-        if deadline is not None:
-            budget = min(budget, deadline - now)
-            if budget < MIN_ATTEMPT_TIME:
-                return None
-        return budget
-
-    async def _resolve(self, host: str, port: int) -> list[tuple[str, int]]:
-        if _is_ip_literal(host):
-            return [(host, port)]
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        addresses: list[tuple[str, int]] = []
-        for _family, _type, _proto, _name, sockaddr in infos:
-            address = (str(sockaddr[0]), int(sockaddr[1]))
-            if address not in addresses:
-                addresses.append(address)
-        return addresses
+        greeting = settings.greeting
+        self._greeting = re.compile(greeting.expect.encode("utf-8")) if greeting else None
 
     async def connect(
-        self, backends: Sequence[BackendConfig], attempts: list[Attempt]
+        self, backends: Sequence[BackendConfig], attempts: list[Attempt], gate: AttemptGate
     ) -> Connected | None:
-        """Try ``backends`` in order; record every attempt in ``attempts``."""
+        """Try ``backends`` in order; record every attempt in ``attempts``.
+
+        A connected backend keeps the slot ``gate.acquire`` gave it; the caller releases it.
+        """
         settings = self.settings
         deadline = None
         if settings.failover_timeout is not None:
             deadline = time.monotonic() + settings.failover_timeout
         for backend in backends:
-            host, port = backend.address.host, backend.address.port
-            started = time.monotonic()
-            budget = self._budget(started, deadline)
-            if budget is None:
+            if deadline is not None and deadline <= time.monotonic():
                 attempts.append(
                     Attempt(backend.name, str(backend.address), OUTCOME_FAILOVER_TIMEOUT, 0.0)
                 )
                 return None
-            try:
-                async with asyncio.timeout(budget):
-                    addresses = await self._resolve(host, port)
-            except (OSError, TimeoutError) as error:
-                outcome = OUTCOME_DNS
-                if isinstance(error, TimeoutError) and budget < settings.connect_timeout:
-                    outcome = OUTCOME_FAILOVER_TIMEOUT
-                elif not isinstance(error, TimeoutError):
-                    outcome = describe_failure(error)
-                elapsed = time.monotonic() - started
-                attempts.append(Attempt(backend.name, str(backend.address), outcome, elapsed))
+            if not gate.acquire(backend):
+                attempts.append(Attempt(backend.name, str(backend.address), OUTCOME_FULL, 0.0))
                 continue
-            for ip, ip_port in addresses:
-                connected = await self._connect_one(backend, ip, ip_port, deadline, attempts)
-                if connected is not None:
-                    return connected
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
+            connected: Connected | None = None
+            try:
+                connected, reason = await self._connect_backend(backend, deadline, attempts)
+            finally:
+                if connected is None:
+                    gate.release(backend)
+            if connected is not None:
+                gate.succeeded(backend)
+                return connected
+            # Cut short by the failover deadline: says nothing about the backend's health.
+            if reason != OUTCOME_FAILOVER_TIMEOUT:
+                gate.failed(backend, reason)
         return None
+
+    async def _connect_backend(
+        self, backend: BackendConfig, deadline: float | None, attempts: list[Attempt]
+    ) -> tuple[Connected | None, str]:
+        """Every address of one backend in turn; the connection, or the last failure."""
+        host, port = backend.address.host, backend.address.port
+        started = time.monotonic()
+        budget, cut = self._budget(self.settings.connect_timeout, started, deadline)
+        try:
+            async with asyncio.timeout(budget):
+                addresses = await self._resolver.resolve(host, port, self.settings.dns_ttl)
+        except (OSError, TimeoutError) as error:
+            if isinstance(error, TimeoutError):
+                outcome = OUTCOME_FAILOVER_TIMEOUT if cut else OUTCOME_DNS
+            else:
+                outcome = describe_failure(error)
+            attempts.append(
+                Attempt(backend.name, str(backend.address), outcome, time.monotonic() - started)
+            )
+            return None, outcome
+        reason = OUTCOME_FAILOVER_TIMEOUT
+        for ip, ip_port in addresses:
+            connected, reason = await self._connect_one(backend, ip, ip_port, deadline, attempts)
+            if connected is not None or reason == OUTCOME_FAILOVER_TIMEOUT:
+                return connected, reason
+        return None, reason
+
+    @staticmethod
+    def _budget(timeout: float, now: float, deadline: float | None) -> tuple[float, bool]:
+        """The time an attempt may take, and whether the failover deadline cut it."""
+        if deadline is not None and deadline - now < timeout:
+            return max(deadline - now, 0.0), True
+        return timeout, False
 
     async def _connect_one(
         self,
@@ -165,15 +203,15 @@ class Dialer:
         port: int,
         deadline: float | None,
         attempts: list[Attempt],
-    ) -> Connected | None:
+    ) -> tuple[Connected | None, str]:
         loop = asyncio.get_running_loop()
         settings = self.settings
         address = format_hostport(ip, port)
         started = time.monotonic()
-        budget = self._budget(started, deadline)
-        if budget is None:
+        budget, cut = self._budget(settings.connect_timeout, started, deadline)
+        if budget < MIN_ATTEMPT_TIME:
             attempts.append(Attempt(backend.name, address, OUTCOME_FAILOVER_TIMEOUT, 0.0))
-            return None
+            return None, OUTCOME_FAILOVER_TIMEOUT
         try:
             async with asyncio.timeout(budget):
                 transport, endpoint = await loop.create_connection(
@@ -184,13 +222,62 @@ class Dialer:
                 )
         except (OSError, TimeoutError) as error:
             outcome = describe_failure(error)
-            if outcome == OUTCOME_TIMEOUT and budget < settings.connect_timeout:
-                # The whole sequence's bound, not this backend's, cut the attempt short.
+            if cut and outcome == OUTCOME_TIMEOUT:
                 outcome = OUTCOME_FAILOVER_TIMEOUT
             attempts.append(Attempt(backend.name, address, outcome, time.monotonic() - started))
-            return None
+            return None, outcome
+        if self._greeting is not None:
+            try:
+                refused = await self._await_greeting(endpoint, deadline)
+            except BaseException:
+                # Cancelled (the client left): do not leak the backend connection.
+                endpoint.abort()
+                raise
+            if refused is not None:
+                endpoint.abort()
+                attempts.append(Attempt(backend.name, address, refused, time.monotonic() - started))
+                return None, refused
         attempts.append(Attempt(backend.name, address, OUTCOME_OK, time.monotonic() - started))
         configure_socket(transport.get_extra_info("socket"), settings)
         sockname = transport.get_extra_info("sockname")
         local = format_hostport(str(sockname[0]), int(sockname[1])) if sockname else "?"
-        return Connected(backend, endpoint, address, local)
+        return Connected(backend, endpoint, address, local), OUTCOME_OK
+
+    async def _await_greeting(self, endpoint: Endpoint, deadline: float | None) -> str | None:
+        """Wait for the backend's first line; None if it matches, else why not.
+
+        The line stays in ``endpoint.held``: the relay forwards it to the client.
+        """
+        assert self._greeting is not None and self.settings.greeting is not None
+        loop = asyncio.get_running_loop()
+        budget, cut = self._budget(self.settings.greeting.timeout, time.monotonic(), deadline)
+        wake: asyncio.Future[None] = loop.create_future()
+
+        def changed() -> None:
+            if not wake.done():
+                wake.set_result(None)
+
+        endpoint.on_change = changed
+        try:
+            async with asyncio.timeout(budget):
+                while True:
+                    end = endpoint.held.find(b"\n", 0, MAX_GREETING_LINE)
+                    if end >= 0:
+                        break
+                    if len(endpoint.held) >= MAX_GREETING_LINE:
+                        return OUTCOME_GREETING_TOO_LONG
+                    if endpoint.lost:
+                        return OUTCOME_GREETING_RESET if endpoint.error else OUTCOME_GREETING_CLOSED
+                    if endpoint.eof:
+                        return OUTCOME_GREETING_CLOSED
+                    await wake
+                    wake = loop.create_future()
+        except TimeoutError:
+            return OUTCOME_FAILOVER_TIMEOUT if cut else OUTCOME_GREETING_TIMEOUT
+        finally:
+            endpoint.on_change = None
+        line = bytes(endpoint.held[: end + 1])
+        if self._greeting.search(line):
+            return None
+        word = _FIRST_WORD.match(line)
+        return f"{OUTCOME_GREETING_MISMATCH}:{word.group().decode() if word else '?'}"

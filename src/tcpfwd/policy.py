@@ -90,7 +90,8 @@ class Scheduler:
            usable), ordered by the same policy as if each had weight 1. A tier whose up
            backends all have weight 0 is therefore ordered as if all had weight 1.
 
-           - failover: configured order (index ascending); weights ignored.
+           - failover: configured order (index ascending); weights are ignored except
+             that weight 0 marks a backup, as for every policy.
            - round-robin: smooth weighted round-robin (nginx's): over any run of calls with
              the same candidates the first choice is spread exactly in proportion to weight
              (weights 5, 1, 1 give A A B A C A A, then repeat); the rest of the tier follows
@@ -120,7 +121,9 @@ class Scheduler:
         out: list[int] = []
         if up:
             up.sort(key=_TIER_INDEX)
-            if self._policy is PolicyName.FAILOVER:
+            if self._policy is PolicyName.FAILOVER and all(c.weight > 0 for c in up):
+                # Fast path: the configured order. Weight-0 (backup) backends need the
+                # per-tier split below, which orders each group by index for failover.
                 out.extend(c.index for c in up)
             elif up[0].tier == up[-1].tier:
                 self._order_tier(up, client_key, out)

@@ -35,7 +35,10 @@ from . import __version__
 from .accesslog import AccessLog, configure_logging, reopen_log_files
 from .config import Address, Config, ConfigError
 from .dialer import OUTCOME_OK
+from .health import HealthTable
 from .listener import Listener, ListenError, open_listening_sockets
+from .monitor import HealthKey, HealthMonitor
+from .resolver import Resolver
 from .session import (
     ADMIN_DISABLED,
     ADMIN_ENABLED,
@@ -148,6 +151,11 @@ class Server:
         self.notifier = notifier or Notifier()
         self.access_log = AccessLog(config.log_format)
         self.daemon = DaemonState(self.access_log)
+        # The one place backend health lives, keyed by (service, backend name): read by
+        # the status page and metrics, and kept across reloads for unchanged backends.
+        self.health: HealthTable[HealthKey] = HealthTable()
+        self.resolver = Resolver()
+        self.monitor = HealthMonitor(self.health, self.resolver, on_check=self._check_done)
         self.services: dict[str, ServiceRuntime] = {}
         self.started = time.time()
         self.admin: AdminServer | None = None
@@ -227,7 +235,9 @@ class Server:
                 services[service_config.name] = current
             else:
                 stats = current.stats if current is not None else None
-                services[service_config.name] = ServiceRuntime(service_config, self.daemon, stats)
+                services[service_config.name] = ServiceRuntime(
+                    service_config, self.daemon, self.monitor, self.resolver, stats
+                )
         wanted = {listen_key(s.name, a): s for s in config.services for a in s.listen}
         for address in list(self.listeners):
             if address not in wanted:
@@ -247,6 +257,7 @@ class Server:
         configured = {(s.name, b.name) for s in config.services for b in s.backends}
         for key in [k for k in self.daemon.admin_states if k not in configured]:
             del self.daemon.admin_states[key]
+        self.monitor.retain(configured)
 
     def _start_listeners(self) -> None:
         for address_listeners in self.listeners.values():
@@ -382,6 +393,11 @@ class Server:
                 return service.settings.backlog
         return 511
 
+    def _check_done(self, key: HealthKey, seconds: float) -> None:
+        runtime = self.services.get(key[0])
+        if runtime is not None:
+            runtime.stats.backend(key[1]).check_seconds.observe(seconds)
+
     # --- what the admin endpoint reads and changes --------------------------------------
 
     @property
@@ -416,18 +432,26 @@ class Server:
             for view in runtime.backend_views():
                 backend_stats = stats.backend(view.name)
                 failed = sum(n for o, n in backend_stats.attempts.items() if o != OUTCOME_OK)
-                backends.append(
-                    {
-                        "name": view.name,
-                        "address": view.address,
-                        "health": "up" if view.up else "down",
-                        "admin_state": view.admin_state,
-                        "active": view.active,
-                        "sessions_total": backend_stats.sessions,
-                        "failed_attempts": failed,
-                        "attempts": dict(backend_stats.attempts),
-                    }
-                )
+                entry: dict[str, Any] = {
+                    "name": view.name,
+                    "address": view.address,
+                    "health": "up" if view.up else "down",
+                    "admin_state": view.admin_state,
+                    "active": view.active,
+                    "sessions_total": backend_stats.sessions,
+                    "failed_attempts": failed,
+                    "attempts": dict(backend_stats.attempts),
+                }
+                health = self.health.get((runtime.name, view.name))
+                if health is not None:
+                    entry["reason"] = health.last_reason
+                    entry["last_change"] = health.last_change
+                    if health.last_check_at is not None:
+                        result = "ok" if health.last_check_ok else "failed"
+                        detail = health.last_check_detail
+                        entry["last_check"] = f"{result}: {detail}" if detail else result
+                        entry["last_check_at"] = health.last_check_at
+                backends.append(entry)
             services.append(
                 {
                     "name": runtime.name,
@@ -437,7 +461,7 @@ class Server:
                         for listener in group
                         if self._listener_service.get(listener) is runtime
                     ],
-                    "policy": "failover",
+                    "policy": runtime.settings.policy,
                     "active": stats.active,
                     "sessions_total": sum(stats.ends.values()),
                     "ends": dict(stats.ends),
@@ -524,6 +548,7 @@ class Server:
 
             self.admin = AdminServer(self, self.config.admin.token)
             await self.admin.start(self._admin_sock)
+        self.monitor.start()
         self.notifier.ready(self._status_text())
         if self.notifier.enabled:
             self._keep_systemd_informed()
@@ -538,6 +563,8 @@ class Server:
         await self._drain()
         if self.admin is not None:
             await self.admin.stop()
+        await self.monitor.stop()
+        await self.resolver.close()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(signum)
         log.info("stopped")

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -24,11 +24,20 @@ from .accesslog import AccessLog, SessionRecord, format_timestamp
 from .config import BackendConfig, ServiceConfig, format_hostport
 from .dialer import OUTCOME_OK, Attempt, Connected, Dialer, configure_socket
 from .metrics import ServiceStats
+from .monitor import HealthMonitor
+from .policy import Candidate, PolicyName, Scheduler
 from .relay import END_SHUTDOWN, Endpoint, Relay
+from .resolver import Resolver
 
 END_NO_BACKEND: Final = "no_backend"
 END_CLIENT_ABORTED: Final = "client_aborted"
 END_ERROR: Final = "internal_error"
+
+# Hold mode: pauses between passes over the backends, doubling up to the maximum.
+HOLD_FIRST_PAUSE = 0.25
+HOLD_MAX_PAUSE = 2.0
+# A session line lists at most this many attempts; a long hold counts the rest.
+MAX_LOGGED_ATTEMPTS = 32
 
 log = logging.getLogger("tcpfwd")
 
@@ -78,40 +87,93 @@ class BackendView:
 
 
 class ServiceRuntime:
-    """What sessions of one service share: its config, dialer, limits and counters."""
+    """What sessions of one service share: config, dialer, scheduler, health, limits, counts.
+
+    ``plan()`` is where policy, health and the operator meet: the scheduler orders the
+    backends from their tier, weight, health and live session counts; down backends come
+    last (fail open); full, draining and disabled ones are left out.
+    """
 
     def __init__(
-        self, config: ServiceConfig, daemon: DaemonState, stats: ServiceStats | None = None
+        self,
+        config: ServiceConfig,
+        daemon: DaemonState,
+        monitor: HealthMonitor,
+        resolver: Resolver,
+        stats: ServiceStats | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.settings = config.settings
-        self.dialer = Dialer(config.settings)
+        self.dialer = Dialer(config.settings, resolver)
         self.daemon = daemon
         self.access_log = daemon.access_log
+        # Counters, live counts included, outlive a reload of the service.
         self.stats = stats or ServiceStats()
+        self.scheduler = Scheduler(PolicyName(config.settings.policy))
+        self._monitor = monitor
+        self._health = monitor.register(config)
+        self._backend_stats = [self.stats.backend(b.name) for b in config.backends]
 
     def admin_state(self, backend: str) -> str:
         return self.daemon.admin_states.get((self.name, backend), ADMIN_ENABLED)
 
-    def plan(self, client: tuple[str, int]) -> Sequence[BackendConfig]:
+    def plan(self, client: tuple[str, int]) -> list[BackendConfig]:
         """The order in which to try the backends for this client."""
+        backends = self.config.backends
         states = self.daemon.admin_states
-        if not states:
-            return self.config.backends
-        return [b for b in self.config.backends if (self.name, b.name) not in states]
+        candidates = [
+            Candidate(
+                index=i,
+                tier=backend.tier,
+                weight=backend.weight,
+                up=health is None or health.is_up,
+                available=(
+                    backend.max_connections is None or stats.active < backend.max_connections
+                )
+                and (not states or (self.name, backend.name) not in states),
+                active=stats.active,
+                name=backend.name,
+            )
+            for i, (backend, health, stats) in enumerate(
+                zip(backends, self._health, self._backend_stats, strict=True)
+            )
+        ]
+        return [backends[i] for i in self.scheduler.order(candidates, client[0])]
 
     def backend_views(self) -> list[BackendView]:
         return [
             BackendView(
                 name=backend.name,
                 address=str(backend.address),
-                up=True,
+                up=health is None or health.is_up,
                 admin_state=self.admin_state(backend.name),
-                active=self.stats.backend(backend.name).active,
+                active=stats.active,
             )
-            for backend in self.config.backends
+            for backend, health, stats in zip(
+                self.config.backends, self._health, self._backend_stats, strict=True
+            )
         ]
+
+    # --- AttemptGate: the dialer reports here ----------------------------------------
+
+    def acquire(self, backend: BackendConfig) -> bool:
+        stats = self.stats.backend(backend.name)
+        if backend.max_connections is not None and stats.active >= backend.max_connections:
+            return False
+        stats.active += 1
+        return True
+
+    def release(self, backend: BackendConfig) -> None:
+        self.stats.backend(backend.name).active -= 1
+
+    def succeeded(self, backend: BackendConfig) -> None:
+        self._monitor.passive_success(self.name, backend.name)
+
+    def failed(self, backend: BackendConfig, reason: str) -> None:
+        self._monitor.passive_failure(self.name, backend.name, reason)
+
+    # --- admission and accounting ----------------------------------------------------
 
     def admit(self, client_ip: str) -> str | None:
         """Why a connection from ``client_ip`` must be closed at once, or None to serve it."""
@@ -153,9 +215,7 @@ class ServiceRuntime:
             stats.backend(attempt.backend).attempts[attempt.outcome] += 1
             failed = failed or attempt.outcome != OUTCOME_OK
         if record.backend is not None:
-            backend = stats.backend(record.backend)
-            backend.sessions += 1
-            backend.active -= 1
+            stats.backend(record.backend).sessions += 1
         if record.connect_time is not None:
             stats.connect_seconds.observe(record.connect_time)
         if failed:
@@ -179,6 +239,8 @@ class Session:
     __slots__ = (
         "_client",
         "_client_gone",
+        "_connected",
+        "_holding",
         "_on_done",
         "_relay",
         "_sock",
@@ -202,6 +264,8 @@ class Session:
         self._sock = sock
         self._client: Endpoint | None = None
         self._relay: Relay | None = None
+        self._connected: BackendConfig | None = None
+        self._holding = False
         self._task: asyncio.Task[None] | None = None
         self._client_gone = False
         self.record = SessionRecord(
@@ -236,6 +300,8 @@ class Session:
             log.exception("session %s failed", record.session)
             record.end = END_ERROR
             self._close_all()
+        if self._connected is not None:
+            self.service.release(self._connected)
         record.duration = time.monotonic() - began
         if self._client is not None:
             record.from_client = self._client.received
@@ -264,9 +330,9 @@ class Session:
             if client.transport is not None:
                 client.transport.close()
             return END_NO_BACKEND
+        self._connected = connected.backend
         record = self.record
         record.backend = connected.backend.name
-        self.service.stats.backend(record.backend).active += 1
         record.backend_address = connected.address
         record.local_address = connected.local_address
         relay = Relay(client, connected.endpoint, idle_timeout=settings.idle_timeout)
@@ -275,16 +341,44 @@ class Session:
         return await asyncio.shield(relay.done)
 
     async def _dial(self) -> Connected | None:
-        attempts: list[Attempt] = self.record.attempts
+        """One pass over the plan; in hold mode, passes until one connects or time is up."""
+        service = self.service
+        record = self.record
         started = time.monotonic()
-        connected = await self.service.dialer.connect(self.service.plan(self.peer), attempts)
-        if connected is not None:
-            self.record.connect_time = time.monotonic() - started
-        return connected
+        hold = service.settings.hold_timeout
+        pause = HOLD_FIRST_PAUSE
+        attempts: list[Attempt] = record.attempts
+        while True:
+            connected = await service.dialer.connect(service.plan(self.peer), attempts, service)
+            if len(attempts) > MAX_LOGGED_ATTEMPTS:
+                # Keep the first pass and the latest attempts: the story's start and end.
+                record.attempts_omitted += len(attempts) - MAX_LOGGED_ATTEMPTS
+                del attempts[MAX_LOGGED_ATTEMPTS // 2 : len(attempts) - MAX_LOGGED_ATTEMPTS // 2]
+            waited = time.monotonic() - started
+            if connected is not None:
+                record.connect_time = waited
+                if record.held is not None:
+                    record.held = waited
+                return connected
+            if hold is None or waited >= hold:
+                if hold is not None:
+                    record.held = waited
+                return None
+            # Held: the client waits, its bytes kept; its leaving cancels this task.
+            record.held = waited
+            self._holding = True
+            self._client_changed()
+            await asyncio.sleep(min(pause, hold - waited))
+            pause = min(pause * 2, HOLD_MAX_PAUSE)
 
     def _client_changed(self) -> None:
         client = self._client
-        if client is not None and client.lost and not self._client_gone:
+        if client is None or self._client_gone:
+            return
+        # While held, an EOF counts as leaving too (as HAProxy's abortonclose): a client
+        # that has heard nothing from us and stopped sending is almost always gone, and
+        # a FIN cannot be told from a half-close without writing to it.
+        if client.lost or (client.eof and self._holding):
             self._client_gone = True
             if self._task is not None:
                 self._task.cancel()
