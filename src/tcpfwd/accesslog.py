@@ -40,6 +40,8 @@ class SessionRecord:
     from_backend: int = 0
     duration: float = 0.0
     end: str = ""
+    # The peer that connected, when a trusted PROXY header named another client.
+    via: str | None = None
 
 
 def _timestamp(seconds: float) -> str:
@@ -64,6 +66,7 @@ def format_text(record: SessionRecord) -> str:
         _timestamp(record.started),
         f"session={record.session}",
         f"client={record.client}",
+        f"via={record.via or '-'}",
         f"listener={record.listener}",
         f"service={record.service}",
         f"backend={record.backend or '-'}",
@@ -84,6 +87,7 @@ def format_json(record: SessionRecord) -> str:
         "time": _timestamp(record.started),
         "session": record.session,
         "client": record.client,
+        "via": record.via,
         "listener": record.listener,
         "service": record.service,
         "backend": record.backend,

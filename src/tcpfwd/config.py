@@ -201,6 +201,49 @@ def _ip_address(value: object) -> str:
         raise _Invalid(f"{value!r} is not an IP address") from None
 
 
+def _network(value: object) -> IPNetwork:
+    """A CIDR (``10.0.0.0/8``, ``::1/128``) or a single address (a /32 or /128)."""
+    if not isinstance(value, str):
+        raise _Invalid(f"expected an address or CIDR like '10.0.0.0/8', got {_kind(value)}")
+    try:
+        return ipaddress.ip_network(value.strip())
+    except ValueError:
+        pass
+    try:
+        network = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise _Invalid(f"{value!r} is not an IP address or CIDR") from None
+    # Host bits set usually means a mistyped prefix; trusting a wider range than meant
+    # is the wrong way to fail, so say what it would mean instead of guessing.
+    raise _Invalid(f"{value!r} has host bits set: write {str(network)!r} if that is meant")
+
+
+def _networks(value: object) -> tuple[IPNetwork, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise _Invalid(f"expected a list of CIDRs, got {_kind(value)}")
+    networks: list[IPNetwork] = []
+    problems: list[str] = []
+    for item in items:
+        try:
+            networks.append(_network(item))
+        except _Invalid as error:
+            problems.append(str(error))
+    if problems:
+        raise _Invalid("; ".join(problems))
+    return tuple(networks)
+
+
+def _accept_proxy(value: object) -> str:
+    if value is True:
+        return ACCEPT_PROXY_REQUIRED
+    if value is False:
+        return ACCEPT_PROXY_OFF
+    if value == ACCEPT_PROXY_OPTIONAL:
+        return ACCEPT_PROXY_OPTIONAL
+    raise _Invalid(f"expected true, false or 'optional', got {value!r}")
+
+
 def _kind(value: object) -> str:
     names = {str: "a string", bool: "a boolean", int: "a number", float: "a number"}
     names |= {list: "a list", dict: "a table"}
@@ -209,11 +252,32 @@ def _kind(value: object) -> str:
 
 # --- the configuration objects --------------------------------------------------------
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# accept_proxy: whether clients of a service's listeners must start with a PROXY header.
+ACCEPT_PROXY_OFF = "off"
+ACCEPT_PROXY_REQUIRED = "required"
+# Trusted sources may also connect without a header (their own address is then used).
+ACCEPT_PROXY_OPTIONAL = "optional"
+SEND_PROXY_VERSIONS = {"v1": 1, "v2": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class SendProxySettings:
+    """``send_proxy``: a PROXY header goes to the backend before any byte of the client."""
+
+    version: int
+    # v2 only: the session id as a UNIQUE_ID TLV, and a CRC32C TLV over the header.
+    unique_id: bool = False
+    crc32c: bool = False
+
 
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     name: str
     address: Address
+    # The service's send_proxy unless the backend's table sets its own (or "off").
+    send_proxy: SendProxySettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +297,14 @@ class ServiceSettings:
     buffer_size: int = 256 * 1024
     source_address: str | None = None
     backlog: int = 511
+    # PROXY protocol out: a header to every backend (a backend may override it).
+    send_proxy: SendProxySettings | None = None
+    # PROXY protocol in: only peers in trusted_sources may connect; their header's
+    # source address then stands for the client everywhere.
+    accept_proxy: str = ACCEPT_PROXY_OFF
+    trusted_sources: tuple[IPNetwork, ...] = ()
+    # How long a client may take to send its whole header.
+    proxy_header_timeout: float = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,8 +337,15 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "buffer_size": _size,
     "source_address": _ip_address,
     "backlog": _int_between(1, 65535),
+    "accept_proxy": _accept_proxy,
+    "trusted_sources": _networks,
+    "proxy_header_timeout": _positive_duration,
 }
-assert set(_SETTING_PARSERS) == {f.name for f in fields(ServiceSettings)}
+# Settings read by a function of their own rather than a value parser.
+_PROXY_TABLE_SETTINGS = ("send_proxy",)
+assert set(_SETTING_PARSERS) | set(_PROXY_TABLE_SETTINGS) == {
+    f.name for f in fields(ServiceSettings)
+}
 
 _GLOBAL_PARSERS: dict[str, Callable[[object], Any]] = {
     "grace_period": parse_duration,
@@ -328,13 +407,48 @@ def _read_settings(table: _Table | None, base: ServiceSettings) -> ServiceSettin
     changes = {
         key: table.take(key, parse, getattr(base, key)) for key, parse in _SETTING_PARSERS.items()
     }
+    changes["send_proxy"] = _read_send_proxy(table, base.send_proxy)
     return replace(base, **changes)
 
 
-def _read_backend(table: _Table, path: str, value: object) -> BackendConfig | None:
+def _read_send_proxy(parent: _Table, base: SendProxySettings | None) -> SendProxySettings | None:
+    """``send_proxy = "v1" | "v2" | "off"`` or ``{ version = "v2", unique_id = true, ... }``."""
+    if not parent.has("send_proxy"):
+        return base
+    path = parent.key_path("send_proxy")
+    value = parent.raw["send_proxy"]
+    if value is False or value == "off":
+        return None
+    if isinstance(value, str):
+        if value not in SEND_PROXY_VERSIONS:
+            parent.issues.append(
+                ConfigIssue(path, f"{value!r} is not one of: v1, v2, off (or a table)")
+            )
+            return base
+        return SendProxySettings(SEND_PROXY_VERSIONS[value])
+    table = parent.subtable("send_proxy")
+    if table is None:
+        return base
+    if not table.has("version"):
+        table.issues.append(ConfigIssue(path, "missing key 'version' ('v1' or 'v2')"))
+    version = table.take("version", _choice(tuple(SEND_PROXY_VERSIONS)), "")
+    tlvs = {key: table.take(key, _boolean, False) for key in ("unique_id", "crc32c")}
+    table.reject_unknown()
+    if version == "v1":
+        for key, wanted in tlvs.items():
+            if wanted:
+                table.issues.append(ConfigIssue(table.key_path(key), "TLVs need version = 'v2'"))
+    if not version:
+        return base
+    return SendProxySettings(SEND_PROXY_VERSIONS[version], **tlvs)
+
+
+def _read_backend(
+    table: _Table, path: str, value: object, send_proxy: SendProxySettings | None
+) -> BackendConfig | None:
     if isinstance(value, str):
         address = table.parse_at(path, value, parse_address, None)
-        return BackendConfig(str(address), address) if address else None
+        return BackendConfig(str(address), address, send_proxy) if address else None
     if not isinstance(value, dict):
         table.issues.append(
             ConfigIssue(path, f"expected 'host:port' or a table, got {_kind(value)}")
@@ -347,8 +461,9 @@ def _read_backend(table: _Table, path: str, value: object) -> BackendConfig | No
         return None
     address = entry.take("address", parse_address, None)
     name = entry.take("name", _name, str(address) if address else "")
+    send_proxy = _read_send_proxy(entry, send_proxy)
     entry.reject_unknown()
-    return BackendConfig(name, address) if address else None
+    return BackendConfig(name, address, send_proxy) if address else None
 
 
 def _name(value: object) -> str:
@@ -386,21 +501,35 @@ def _read_service(name: str, table: _Table, defaults: ServiceSettings) -> Servic
         if parsed in listen:
             table.issues.append(ConfigIssue(path, f"{parsed} is listed twice"))
         listen.append(parsed)
+    # Settings first: backends inherit the service's send_proxy and may override it.
+    settings = _read_settings(table, defaults)
+    _check_accept_proxy(table, settings)
     backends: list[BackendConfig] = []
     raw_backends = _read_list(table, "backends")
     for i, value in enumerate(raw_backends):
         path = f"{table.key_path('backends')}[{i}]"
-        backend = _read_backend(table, path, value)
+        backend = _read_backend(table, path, value, settings.send_proxy)
         if backend is None:
             continue
         if any(b.name == backend.name for b in backends):
             table.issues.append(ConfigIssue(path, f"backend name {backend.name!r} is used twice"))
         backends.append(backend)
-    settings = _read_settings(table, defaults)
     table.reject_unknown()
     if not listen or len(backends) != len(raw_backends) or not backends:
         return None
     return ServiceConfig(name, tuple(listen), tuple(backends), settings)
+
+
+def _check_accept_proxy(table: _Table, settings: ServiceSettings) -> None:
+    """No implicit trust: a service that accepts PROXY headers names who may send them."""
+    if settings.accept_proxy != ACCEPT_PROXY_OFF and not settings.trusted_sources:
+        table.issues.append(
+            ConfigIssue(
+                table.key_path("trusted_sources"),
+                "required when accept_proxy is on: list the addresses (CIDRs) allowed to "
+                "send a PROXY header; nothing is trusted implicitly",
+            )
+        )
 
 
 def _listen_address(value: object) -> Address:

@@ -3,6 +3,9 @@
 Each backend is resolved when it is tried (a name that does not resolve is a failed
 attempt, not an error of the daemon), and each address it resolves to is tried in turn.
 Every attempt, failed or not, is recorded with its reason for the session's log line.
+
+A backend with ``send_proxy`` gets the session's PROXY header in one write as soon as it
+is connected, before any byte of the client and before anything is awaited from it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import BackendConfig, ServiceSettings, format_hostport
+from .proxy_send import SessionHeaders
 from .relay import Endpoint
 
 OUTCOME_OK = "ok"
@@ -122,9 +126,17 @@ class Dialer:
         return addresses
 
     async def connect(
-        self, backends: Sequence[BackendConfig], attempts: list[Attempt]
+        self,
+        backends: Sequence[BackendConfig],
+        attempts: list[Attempt],
+        *,
+        headers: SessionHeaders | None = None,
     ) -> Connected | None:
-        """Try ``backends`` in order; record every attempt in ``attempts``."""
+        """Try ``backends`` in order; record every attempt in ``attempts``.
+
+        ``headers`` gives the PROXY header for backends with ``send_proxy``; without it
+        (no client to describe) no header is sent.
+        """
         settings = self.settings
         deadline = None
         if settings.failover_timeout is not None:
@@ -151,7 +163,9 @@ class Dialer:
                 attempts.append(Attempt(backend.name, str(backend.address), outcome, elapsed))
                 continue
             for ip, ip_port in addresses:
-                connected = await self._connect_one(backend, ip, ip_port, deadline, attempts)
+                connected = await self._connect_one(
+                    backend, ip, ip_port, deadline, attempts, headers=headers
+                )
                 if connected is not None:
                     return connected
                 if deadline is not None and time.monotonic() >= deadline:
@@ -165,6 +179,8 @@ class Dialer:
         port: int,
         deadline: float | None,
         attempts: list[Attempt],
+        *,
+        headers: SessionHeaders | None,
     ) -> Connected | None:
         loop = asyncio.get_running_loop()
         settings = self.settings
@@ -189,6 +205,9 @@ class Dialer:
                 outcome = OUTCOME_FAILOVER_TIMEOUT
             attempts.append(Attempt(backend.name, address, outcome, time.monotonic() - started))
             return None
+        if backend.send_proxy is not None and headers is not None:
+            # First and whole: receivers read the header from their first recv().
+            transport.write(headers.for_backend(backend.send_proxy))
         attempts.append(Attempt(backend.name, address, OUTCOME_OK, time.monotonic() - started))
         configure_socket(transport.get_extra_info("socket"), settings)
         sockname = transport.get_extra_info("sockname")

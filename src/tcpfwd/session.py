@@ -4,6 +4,11 @@ A session wraps the accepted socket (its bytes are held, not lost, while a backe
 chosen), asks the dialer for the first backend that connects in the service's order,
 links the two sockets in a relay, waits for it to end, and writes one access line.
 Nothing that goes wrong inside a session escapes it.
+
+With ``accept_proxy`` the session first checks that the peer is trusted and reads its
+PROXY header; from then on the header's client address is the session's client (for
+the backend order, the log line and the header sent on), and the peer is shown as
+``via``. With ``send_proxy`` the dialer writes the header before any client byte.
 """
 
 from __future__ import annotations
@@ -14,17 +19,34 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Final
 
 from .accesslog import AccessLog, SessionRecord
-from .config import BackendConfig, ServiceConfig, format_hostport
+from .config import (
+    ACCEPT_PROXY_OFF,
+    ACCEPT_PROXY_OPTIONAL,
+    BackendConfig,
+    ServiceConfig,
+    format_hostport,
+)
 from .dialer import Attempt, Connected, Dialer, configure_socket
+from .proxy_accept import (
+    END_UNTRUSTED,
+    ClientGone,
+    HeaderRejected,
+    addresses_of,
+    is_trusted,
+    receive_header,
+)
+from .proxy_send import SessionHeaders
 from .relay import END_SHUTDOWN, Endpoint, Relay
 
 END_NO_BACKEND: Final = "no_backend"
 END_CLIENT_ABORTED: Final = "client_aborted"
 END_ERROR: Final = "internal_error"
+END_CLIENT_CLOSED_EARLY: Final = "client_closed"
 
 log = logging.getLogger("tcpfwd")
 
@@ -46,6 +68,8 @@ class ServiceRuntime:
         self.settings = config.settings
         self.dialer = Dialer(config.settings)
         self.access_log = access_log
+        # Connections refused by accept_proxy, by end word (metrics will read these).
+        self.proxy_rejected: Counter[str] = Counter()
 
     def plan(self, client: tuple[str, int]) -> Sequence[BackendConfig]:
         """The order in which to try the backends for this client."""
@@ -56,9 +80,12 @@ class Session:
     __slots__ = (
         "_client",
         "_client_gone",
+        "_header_bytes",
         "_relay",
         "_sock",
         "_task",
+        "client_address",
+        "destination",
         "listener",
         "peer",
         "record",
@@ -75,6 +102,11 @@ class Session:
         self.service = service
         self.listener = listener
         self.peer = peer
+        # Who the client is and what it connected to: the peer and our socket's own
+        # address, unless a trusted PROXY header says otherwise.
+        self.client_address = peer
+        self.destination: tuple[str, int] | None = None
+        self._header_bytes = 0
         self._sock = sock
         self._client: Endpoint | None = None
         self._relay: Relay | None = None
@@ -113,7 +145,8 @@ class Session:
             self._close_all()
         record.duration = time.monotonic() - began
         if self._client is not None:
-            record.from_client = self._client.received
+            # What the client sent for the backend: its PROXY header is not relayed.
+            record.from_client = self._client.received - self._header_bytes
         if self._relay is not None:
             record.from_backend = self._relay.backend.received
         self.service.access_log.emit(record)
@@ -121,13 +154,25 @@ class Session:
     async def _serve(self) -> str:
         loop = asyncio.get_running_loop()
         settings = self.service.settings
+        accept_proxy = settings.accept_proxy != ACCEPT_PROXY_OFF
+        if accept_proxy and not is_trusted(self.peer[0], settings.trusted_sources):
+            # Decided on the raw peer before reading a byte: its claims are never heard.
+            self._sock.close()
+            return self._reject(END_UNTRUSTED, "not in trusted_sources")
         configure_socket(self._sock, settings)
-        _transport, client = await loop.connect_accepted_socket(
+        transport, client = await loop.connect_accepted_socket(
             lambda: Endpoint("client", settings.buffer_size), sock=self._sock
         )
         self._client = client
         if client.lost:
             return END_CLIENT_ABORTED
+        sockname = transport.get_extra_info("sockname")
+        if sockname:
+            self.destination = (str(sockname[0]), int(sockname[1]))
+        if accept_proxy:
+            refused = await self._receive_proxy_header(client)
+            if refused is not None:
+                return refused
         client.on_change = self._client_changed
         connected = await self._dial()
         if connected is None:
@@ -144,10 +189,54 @@ class Session:
         relay.start()
         return await asyncio.shield(relay.done)
 
+    async def _receive_proxy_header(self, client: Endpoint) -> str | None:
+        """Read the client's PROXY header and adopt its addresses; the end word if refused."""
+        settings = self.service.settings
+        try:
+            header, length = await receive_header(
+                client,
+                timeout=settings.proxy_header_timeout,
+                optional=settings.accept_proxy == ACCEPT_PROXY_OPTIONAL,
+            )
+        except HeaderRejected as rejected:
+            client.abort()
+            return self._reject(rejected.end, rejected.reason)
+        except ClientGone as gone:
+            return END_CLIENT_ABORTED if gone.reset else END_CLIENT_CLOSED_EARLY
+        self._header_bytes = length
+        addresses = addresses_of(header) if header is not None else None
+        if addresses is not None:
+            self.client_address, self.destination = addresses
+            self.record.client = format_hostport(*self.client_address)
+            self.record.via = format_hostport(*self.peer)
+        return None
+
+    def _reject(self, end: str, reason: str) -> str:
+        counts = self.service.proxy_rejected
+        counts[end] += 1
+        log.warning(
+            "session %s: %s from %s on %s (service %s): %s; %d so far",
+            self.record.session,
+            end,
+            format_hostport(*self.peer),
+            self.listener,
+            self.service.name,
+            reason,
+            counts[end],
+        )
+        return end
+
     async def _dial(self) -> Connected | None:
         attempts: list[Attempt] = self.record.attempts
         started = time.monotonic()
-        connected = await self.service.dialer.connect(self.service.plan(self.peer), attempts)
+        headers = None
+        if self.destination is not None:
+            headers = SessionHeaders(
+                self.client_address, self.destination, self.record.session.encode("ascii")
+            )
+        connected = await self.service.dialer.connect(
+            self.service.plan(self.client_address), attempts, headers=headers
+        )
         if connected is not None:
             self.record.connect_time = time.monotonic() - started
         return connected
