@@ -522,10 +522,13 @@ def _read_service(name: str, table: _Table, defaults: ServiceSettings) -> Servic
 
 def _check_accept_proxy(table: _Table, settings: ServiceSettings) -> None:
     """No implicit trust: a service that accepts PROXY headers names who may send them."""
+    path = table.key_path("trusted_sources")
+    if any(issue.path == path for issue in table.issues):
+        return
     if settings.accept_proxy != ACCEPT_PROXY_OFF and not settings.trusted_sources:
         table.issues.append(
             ConfigIssue(
-                table.key_path("trusted_sources"),
+                path,
                 "required when accept_proxy is on: list the addresses (CIDRs) allowed to "
                 "send a PROXY header; nothing is trusted implicitly",
             )
@@ -637,4 +640,6 @@ def _as_argument(issue: ConfigIssue) -> ConfigIssue:
         return ConfigIssue(f"backend {index + 1}", issue.message)
     if path == "listen" or path.startswith("listen["):
         return ConfigIssue("LISTEN", issue.message)
+    if path == "trusted_sources":
+        return ConfigIssue("--trusted-source", issue.message)
     return ConfigIssue("--" + path.replace("_", "-"), issue.message)
