@@ -163,6 +163,7 @@ BAD_HEADERS = {
     "oversized_v2": (V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x11, 4000), "exceeds"),
     "oversized_v1": (b"PROXY TCP4 " + b"1" * 120, "longer than 107"),
     "unknown_v1_protocol": (b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n", "unknown protocol"),
+    "udp_addresses": (encode_v2(CLAIMED, DESTINATION, transport="DGRAM"), "over UDP"),
 }
 
 

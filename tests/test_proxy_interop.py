@@ -21,6 +21,7 @@ from peers import (
     smtp_hello,
 )
 from support import echo_server, recv_all
+from tcpfwd.proxy_protocol import encode_v2
 
 SEND_OPTIONS = {
     "v1": ["--send-proxy", "v1"],
@@ -64,6 +65,33 @@ def test_haproxy_accept_proxy_sees_the_original_client(run_tcpfwd, tmp_path, ver
     assert f"ci={CLIENT_IP} cp={client_port} fi=127.0.0.1 fp={listen_port} " in line
     expected_uid = record["session"] if version == "v2+tlvs" else "-"
     assert line.endswith(f"uid={expected_uid}")
+
+
+def test_haproxy_refuses_a_header_whose_crc32c_is_wrong(tmp_path):
+    """So the v2+TLVs pass above means our CRC32C was checked and right."""
+    port = free_port()
+    with echo_server() as echo:
+        config = (
+            "frontend fe\n"
+            f"    bind 127.0.0.1:{port} accept-proxy\n"
+            "    default_backend be\n"
+            "backend be\n"
+            f"    server echo {echo.address}\n"
+        )
+        with haproxy(tmp_path, config, port):
+            header = bytearray(encode_v2((CLIENT_IP, 1000), ("127.0.0.1", port), crc32c=True))
+            good = bytes(header)
+            header[-1] ^= 0xFF
+            replies = []
+            for attempt in (bytes(header), good):
+                with client_from(("127.0.0.1", port)) as sock:
+                    try:
+                        sock.sendall(attempt + b"ping")
+                        sock.shutdown(socket.SHUT_WR)
+                        replies.append(recv_all(sock))
+                    except OSError:  # refused: closed or reset, maybe before the shutdown
+                        replies.append(b"")
+    assert replies == [b"", b"ping"]
 
 
 @pytest.mark.parametrize("version", SEND_OPTIONS)

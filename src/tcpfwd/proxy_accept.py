@@ -131,6 +131,11 @@ async def receive_header(
                     except ProxyProtocolError as error:
                         raise HeaderRejected(END_BAD_HEADER, str(error)) from None
                     if header is not None:
+                        if header.transport == "DGRAM":
+                            # Addresses of a UDP flow cannot describe this TCP client.
+                            raise HeaderRejected(
+                                END_BAD_HEADER, f"v2: {header.family} over UDP on a TCP connection"
+                            )
                         # Nothing ran since take_held: held is empty, the rest goes first.
                         endpoint.held[:0] = decoder.remainder
                         return header, decoder.header_length
