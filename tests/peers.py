@@ -274,6 +274,8 @@ retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
 smtp      unix  -       -       n       -       -       smtp
 relay     unix  -       -       n       -       -       smtp
+scache    unix  -       -       n       -       1       scache
+flush     unix  n       -       n       1000?   0       flush
 """
 
 

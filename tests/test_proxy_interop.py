@@ -212,3 +212,54 @@ def test_haproxy_to_tcpfwd_to_postfix_keeps_the_original_client(run_tcpfwd, tmp_
             mail.wait_for_log(rf"smtpd\[\d+\]: connect from unknown\[{CLIENT_IP}\]")
             (record,) = proxy.access_records(1)
     assert record["client"].startswith(f"{CLIENT_IP}:")
+
+
+def smtp_send(address: tuple[str, int], recipient: str) -> bytes:
+    """Deliver one message over SMTP from 127.0.0.2; the server's replies."""
+    with client_from(address) as sock:
+        replies = [sock.recv(1024)]
+        for line in (
+            b"EHLO client.test",
+            b"MAIL FROM:<sender@client.test>",
+            f"RCPT TO:<{recipient}>".encode(),
+            b"DATA",
+            b"Subject: through tcpfwd\r\n\r\nhello\r\n.",
+            b"QUIT",
+        ):
+            sock.sendall(line + b"\r\n")
+            replies.append(sock.recv(1024))
+        return b"".join(replies)
+
+
+def test_postfix_delivers_through_tcpfwd_to_a_proxy_protocol_smtpd(run_tcpfwd, tmp_path):
+    """The original use case: a relay's transport map points at tcpfwd, which sends the
+    mail on to the internal server with a header naming the relay (bound to 127.0.0.3).
+
+    One Postfix instance plays both parts: "relay-in" (port ``relay_port``) accepts the
+    message and hands example.test to ``relay:[127.0.0.1]:<tcpfwd>``; "mailserver"
+    (``server_port``, PROXY protocol) receives it from tcpfwd and discards it.
+    """
+    relay_port, server_port, tcpfwd_port = free_port(), free_port(), free_port()
+    services = (
+        f"127.0.0.1:{relay_port} inet n - n - - smtpd -o syslog_name=postfix/relay-in\n"
+        f"127.0.0.1:{server_port} inet n - n - - smtpd -o syslog_name=postfix/mailserver"
+        " -o smtpd_upstream_proxy_protocol=haproxy -o content_filter=discard:\n"
+    )
+    main_cf = (
+        f"transport_maps = inline:{{example.test=relay:[127.0.0.1]:{tcpfwd_port}}}\n"
+        "relay_domains = example.test\n"
+        "smtp_bind_address = 127.0.0.3\n"
+    )
+    with postfix(tmp_path, services, main_cf, ports=(relay_port, server_port)) as mail:
+        proxy = run_tcpfwd(
+            f"127.0.0.1:{tcpfwd_port}", f"127.0.0.1:{server_port}", *SEND_OPTIONS["v2+tlvs"]
+        )
+        replies = smtp_send(("127.0.0.1", relay_port), "user@example.test")
+        assert b"250 2.0.0 Ok: queued" in replies, replies
+        mail.wait_for_log(r"postfix/relay-in/smtpd\[\d+\]: connect from unknown\[127\.0\.0\.2\]")
+        mail.wait_for_log(r"postfix/mailserver/smtpd\[\d+\]: connect from unknown\[127\.0\.0\.3\]")
+        mail.wait_for_log(
+            rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{tcpfwd_port}.*status=sent", timeout=20
+        )
+        (record,) = proxy.access_records(1)
+    assert record["client"].startswith("127.0.0.3:")
