@@ -41,12 +41,11 @@ from .proxy_accept import (
     receive_header,
 )
 from .proxy_send import SessionHeaders
-from .relay import END_SHUTDOWN, Endpoint, Relay
+from .relay import END_CLIENT_CLOSED, END_SHUTDOWN, Endpoint, Relay
 
 END_NO_BACKEND: Final = "no_backend"
 END_CLIENT_ABORTED: Final = "client_aborted"
 END_ERROR: Final = "internal_error"
-END_CLIENT_CLOSED_EARLY: Final = "client_closed"
 
 log = logging.getLogger("tcpfwd")
 
@@ -202,7 +201,7 @@ class Session:
             client.abort()
             return self._reject(rejected.end, rejected.reason)
         except ClientGone as gone:
-            return END_CLIENT_ABORTED if gone.reset else END_CLIENT_CLOSED_EARLY
+            return END_CLIENT_ABORTED if gone.reset else END_CLIENT_CLOSED
         self._header_bytes = length
         addresses = addresses_of(header) if header is not None else None
         if addresses is not None:
