@@ -201,6 +201,8 @@ class Session:
             client.abort()
             return self._reject(rejected.end, rejected.reason)
         except ClientGone as gone:
+            # Half-closed sockets stay open (for the relay's sake): close this one here.
+            client.abort()
             return END_CLIENT_ABORTED if gone.reset else END_CLIENT_CLOSED
         self._header_bytes = length
         addresses = addresses_of(header) if header is not None else None
