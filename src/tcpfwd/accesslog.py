@@ -45,6 +45,8 @@ class SessionRecord:
     from_backend: int = 0
     duration: float = 0.0
     end: str = ""
+    # The peer that connected, when a trusted PROXY header named another client.
+    via: str | None = None
 
 
 def format_timestamp(seconds: float) -> str:
@@ -71,6 +73,7 @@ def format_text(record: SessionRecord) -> str:
         format_timestamp(record.started),
         f"session={record.session}",
         f"client={record.client}",
+        f"via={record.via or '-'}",
         f"listener={record.listener}",
         f"service={record.service}",
         f"backend={record.backend or '-'}",
@@ -92,6 +95,7 @@ def format_json(record: SessionRecord) -> str:
         "time": format_timestamp(record.started),
         "session": record.session,
         "client": record.client,
+        "via": record.via,
         "listener": record.listener,
         "service": record.service,
         "backend": record.backend,

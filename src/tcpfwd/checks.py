@@ -21,7 +21,9 @@ import contextlib
 import re
 from dataclasses import dataclass
 
+from .config import SendProxySettings
 from .dialer import describe_failure
+from .proxy_send import proxy_header_for_check
 from .resolver import Resolver
 
 # Upper bounds on what a check reads, so a misbehaving backend cannot make it buffer more.
@@ -59,13 +61,14 @@ async def run_check(
     resolver: Resolver,
     dns_ttl: float,
     source_address: str | None = None,
+    send_proxy: SendProxySettings | None = None,
 ) -> CheckResult:
     try:
         async with asyncio.timeout(probe.timeout):
             addresses = await resolver.resolve(host, port, dns_ttl)
             result = CheckResult(False, "no address")
             for ip, ip_port in addresses:
-                result = await _check_address(probe, ip, ip_port, source_address)
+                result = await _check_address(probe, ip, ip_port, source_address, send_proxy)
                 if result.ok:
                     break
             return result
@@ -76,7 +79,11 @@ async def run_check(
 
 
 async def _check_address(
-    probe: Probe, ip: str, port: int, source_address: str | None
+    probe: Probe,
+    ip: str,
+    port: int,
+    source_address: str | None,
+    send_proxy: SendProxySettings | None,
 ) -> CheckResult:
     local_addr = (source_address, 0) if source_address else None
     try:
@@ -86,6 +93,11 @@ async def _check_address(
     except OSError as error:
         return CheckResult(False, describe_failure(error))
     try:
+        # A backend that expects a PROXY header gets one from its checks too, or it
+        # would count every check as a broken client.
+        header = proxy_header_for_check(send_proxy, writer.get_extra_info("socket"))
+        if header:
+            writer.write(header)
         if probe.kind == "smtp":
             await _smtp(reader, writer, probe.ehlo)
         elif probe.kind == "send":

@@ -110,8 +110,43 @@ def _quick_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--grace-period", metavar="DURATION", help="drain time on stop (default 30s)"
     )
+    _add_proxy_options(parser)
     _add_logging_options(parser)
     return parser
+
+
+def _add_proxy_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("PROXY protocol")
+    group.add_argument(
+        "--send-proxy", choices=("v1", "v2"), help="send backends a PROXY header first"
+    )
+    group.add_argument(
+        "--proxy-unique-id", action="store_true", help="v2: the session id as UNIQUE_ID TLV"
+    )
+    group.add_argument("--proxy-crc32c", action="store_true", help="v2: add a CRC32C TLV")
+    accept = group.add_mutually_exclusive_group()
+    accept.add_argument(
+        "--accept-proxy",
+        action="store_const",
+        const=True,
+        help="clients (trusted sources only) start with a PROXY header",
+    )
+    accept.add_argument(
+        "--accept-proxy-optional",
+        dest="accept_proxy",
+        action="store_const",
+        const="optional",
+        help="like --accept-proxy, but trusted sources may also send no header",
+    )
+    group.add_argument(
+        "--trusted-source",
+        action="append",
+        metavar="CIDR",
+        help="who may send a PROXY header (repeat; required with --accept-proxy)",
+    )
+    group.add_argument(
+        "--proxy-header-timeout", metavar="DURATION", help="to receive a header (default 3s)"
+    )
 
 
 def _file_parser(command: str) -> argparse.ArgumentParser:
@@ -201,6 +236,21 @@ def _quick_config(args: argparse.Namespace) -> Config:
         settings["keepalive"] = False
     if args.no_nodelay:
         settings["nodelay"] = False
+    if args.send_proxy is not None:
+        if args.proxy_unique_id or args.proxy_crc32c:
+            settings["send_proxy"] = {
+                "version": args.send_proxy,
+                "unique_id": args.proxy_unique_id,
+                "crc32c": args.proxy_crc32c,
+            }
+        else:
+            settings["send_proxy"] = args.send_proxy
+    if args.accept_proxy is not None:
+        settings["accept_proxy"] = args.accept_proxy
+    if args.trusted_source is not None:
+        settings["trusted_sources"] = args.trusted_source
+    if args.proxy_header_timeout is not None:
+        settings["proxy_header_timeout"] = args.proxy_header_timeout
     global_settings: dict[str, object] = {}
     for option in ("grace_period", "log_format", "log_level"):
         value = getattr(args, option)
@@ -248,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command is None:
             args = _quick_parser().parse_args(args_list)
+            if (args.proxy_unique_id or args.proxy_crc32c) and args.send_proxy != "v2":
+                _quick_parser().error("--proxy-unique-id and --proxy-crc32c need --send-proxy v2")
             config = _quick_config(args)
         else:
             args = _file_parser(command).parse_args(args_list[1:])

@@ -218,22 +218,6 @@ def _ip_address(value: object) -> str:
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _networks(value: object) -> tuple[IPNetwork, ...]:
-    """A list of CIDRs (a bare address means just that host)."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list):
-        raise _Invalid(f"expected a list of CIDRs like '10.0.0.0/8', got {_kind(value)}")
-    networks: list[IPNetwork] = []
-    for item in items:
-        if not isinstance(item, str):
-            raise _Invalid(f"expected a CIDR like '10.0.0.0/8', got {_kind(item)}")
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise _Invalid(f"{item!r} is not a network like '10.0.0.0/8' or '::1'") from None
-    return tuple(networks)
-
-
 def _optional_count(value: object) -> int | None:
     """A positive limit, where ``"off"``, ``false`` or zero mean none."""
     if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
@@ -298,6 +282,49 @@ def _ehlo_name(value: object) -> str:
     return text
 
 
+def _network(value: object) -> IPNetwork:
+    """A CIDR (``10.0.0.0/8``, ``::1/128``) or a single address (a /32 or /128)."""
+    if not isinstance(value, str):
+        raise _Invalid(f"expected an address or CIDR like '10.0.0.0/8', got {_kind(value)}")
+    try:
+        return ipaddress.ip_network(value.strip())
+    except ValueError:
+        pass
+    try:
+        network = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise _Invalid(f"{value!r} is not an IP address or CIDR") from None
+    # Host bits set usually means a mistyped prefix; trusting a wider range than meant
+    # is the wrong way to fail, so say what it would mean instead of guessing.
+    raise _Invalid(f"{value!r} has host bits set: write {str(network)!r} if that is meant")
+
+
+def _networks(value: object) -> tuple[IPNetwork, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise _Invalid(f"expected a list of CIDRs, got {_kind(value)}")
+    networks: list[IPNetwork] = []
+    problems: list[str] = []
+    for item in items:
+        try:
+            networks.append(_network(item))
+        except _Invalid as error:
+            problems.append(str(error))
+    if problems:
+        raise _Invalid("; ".join(problems))
+    return tuple(networks)
+
+
+def _accept_proxy(value: object) -> str:
+    if value is True:
+        return ACCEPT_PROXY_REQUIRED
+    if value is False:
+        return ACCEPT_PROXY_OFF
+    if value == ACCEPT_PROXY_OPTIONAL:
+        return ACCEPT_PROXY_OPTIONAL
+    raise _Invalid(f"expected true, false or 'optional', got {value!r}")
+
+
 def _kind(value: object) -> str:
     names = {str: "a string", bool: "a boolean", int: "a number", float: "a number"}
     names |= {list: "a list", dict: "a table"}
@@ -305,6 +332,24 @@ def _kind(value: object) -> str:
 
 
 # --- the configuration objects --------------------------------------------------------
+
+
+# accept_proxy: whether clients of a service's listeners must start with a PROXY header.
+ACCEPT_PROXY_OFF = "off"
+ACCEPT_PROXY_REQUIRED = "required"
+# Trusted sources may also connect without a header (their own address is then used).
+ACCEPT_PROXY_OPTIONAL = "optional"
+SEND_PROXY_VERSIONS = {"v1": 1, "v2": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class SendProxySettings:
+    """``send_proxy``: a PROXY header goes to the backend before any byte of the client."""
+
+    version: int
+    # v2 only: the session id as a UNIQUE_ID TLV, and a CRC32C TLV over the header.
+    unique_id: bool = False
+    crc32c: bool = False
 
 
 POLICIES = ("failover", "round-robin", "least-connections", "random", "source-hash")
@@ -359,6 +404,8 @@ class BackendConfig:
     weight: int = 1
     max_connections: int | None = None
     health: HealthSettings = field(default_factory=HealthSettings)
+    # The service's send_proxy unless the backend's table sets its own (or "off").
+    send_proxy: SendProxySettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +441,14 @@ class ServiceSettings:
     hold_timeout: float | None = None
     # How long a resolved backend name is reused; 0 resolves on every attempt.
     dns_ttl: float = 30.0
+    # PROXY protocol out: a header to every backend (a backend may override it).
+    send_proxy: SendProxySettings | None = None
+    # PROXY protocol in: only peers in trusted_sources may connect; their header's
+    # source address then stands for the client everywhere.
+    accept_proxy: str = ACCEPT_PROXY_OFF
+    trusted_sources: tuple[IPNetwork, ...] = ()
+    # How long a client may take to send its whole header.
+    proxy_header_timeout: float = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,9 +510,12 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "policy": _choice(POLICIES),
     "hold_timeout": _optional_duration,
     "dns_ttl": parse_duration,
+    "accept_proxy": _accept_proxy,
+    "trusted_sources": _networks,
+    "proxy_header_timeout": _positive_duration,
 }
-# Settings that are tables, merged key by key over what they inherit.
-_TABLE_SETTINGS = ("health", "greeting")
+# Settings that are tables (or a word standing for one), read by functions of their own.
+_TABLE_SETTINGS = ("health", "greeting", "send_proxy")
 assert set(_SETTING_PARSERS) | set(_TABLE_SETTINGS) == {f.name for f in fields(ServiceSettings)}
 
 _HEALTH_PARSERS: dict[str, Callable[[object], Any]] = {
@@ -548,6 +606,7 @@ def _read_settings(table: _Table | None, base: ServiceSettings) -> ServiceSettin
     }
     changes["health"] = _read_health(table, base.health)
     changes["greeting"] = _read_greeting(table, base.greeting)
+    changes["send_proxy"] = _read_send_proxy(table, base.send_proxy)
     return replace(base, **changes)
 
 
@@ -607,12 +666,50 @@ def _read_greeting(parent: _Table, base: GreetingSettings | None) -> GreetingSet
     return GreetingSettings(expect, timeout, preset) if expect else base
 
 
+def _read_send_proxy(parent: _Table, base: SendProxySettings | None) -> SendProxySettings | None:
+    """``send_proxy = "v1" | "v2" | "off"`` or ``{ version = "v2", unique_id = true, ... }``."""
+    if not parent.has("send_proxy"):
+        return base
+    path = parent.key_path("send_proxy")
+    value = parent.raw["send_proxy"]
+    if value is False or value == "off":
+        return None
+    if isinstance(value, str):
+        if value not in SEND_PROXY_VERSIONS:
+            parent.issues.append(
+                ConfigIssue(path, f"{value!r} is not one of: v1, v2, off (or a table)")
+            )
+            return base
+        return SendProxySettings(SEND_PROXY_VERSIONS[value])
+    table = parent.subtable("send_proxy")
+    if table is None:
+        return base
+    if not table.has("version"):
+        table.issues.append(ConfigIssue(path, "missing key 'version' ('v1' or 'v2')"))
+    version = table.take("version", _choice(tuple(SEND_PROXY_VERSIONS)), "")
+    tlvs = {key: table.take(key, _boolean, False) for key in ("unique_id", "crc32c")}
+    table.reject_unknown()
+    if version == "v1":
+        for key, wanted in tlvs.items():
+            if wanted:
+                table.issues.append(ConfigIssue(table.key_path(key), "TLVs need version = 'v2'"))
+    if not version:
+        return base
+    return SendProxySettings(SEND_PROXY_VERSIONS[version], **tlvs)
+
+
 def _read_backend(
-    table: _Table, path: str, value: object, health: HealthSettings
+    table: _Table,
+    path: str,
+    value: object,
+    health: HealthSettings,
+    send_proxy: SendProxySettings | None,
 ) -> BackendConfig | None:
     if isinstance(value, str):
         address = table.parse_at(path, value, parse_address, None)
-        return BackendConfig(str(address), address, health=health) if address else None
+        if address is None:
+            return None
+        return BackendConfig(str(address), address, health=health, send_proxy=send_proxy)
     if not isinstance(value, dict):
         table.issues.append(
             ConfigIssue(path, f"expected 'host:port' or a table, got {_kind(value)}")
@@ -629,10 +726,13 @@ def _read_backend(
     weight = entry.take("weight", _int_between(0, 1000), _default(BackendConfig, "weight"))
     max_connections = entry.take("max_connections", _int_between(1, 10_000_000), None)
     backend_health = _read_health(entry, health)
+    backend_send_proxy = _read_send_proxy(entry, send_proxy)
     entry.reject_unknown()
     if address is None:
         return None
-    return BackendConfig(name, address, tier, weight, max_connections, backend_health)
+    return BackendConfig(
+        name, address, tier, weight, max_connections, backend_health, backend_send_proxy
+    )
 
 
 def _name(value: object) -> str:
@@ -670,13 +770,15 @@ def _read_service(name: str, table: _Table, defaults: ServiceSettings) -> Servic
         if parsed in listen:
             table.issues.append(ConfigIssue(path, f"{parsed} is listed twice"))
         listen.append(parsed)
-    # Settings first: backends inherit the service's health settings and may override them.
+    # Settings first: backends inherit the service's health and send_proxy settings and
+    # may override them.
     settings = _read_settings(table, defaults)
+    _check_accept_proxy(table, settings)
     backends: list[BackendConfig] = []
     raw_backends = _read_list(table, "backends")
     for i, value in enumerate(raw_backends):
         path = f"{table.key_path('backends')}[{i}]"
-        backend = _read_backend(table, path, value, settings.health)
+        backend = _read_backend(table, path, value, settings.health, settings.send_proxy)
         if backend is None:
             continue
         if any(b.name == backend.name for b in backends):
@@ -686,6 +788,21 @@ def _read_service(name: str, table: _Table, defaults: ServiceSettings) -> Servic
     if not listen or len(backends) != len(raw_backends) or not backends:
         return None
     return ServiceConfig(name, tuple(listen), tuple(backends), settings)
+
+
+def _check_accept_proxy(table: _Table, settings: ServiceSettings) -> None:
+    """No implicit trust: a service that accepts PROXY headers names who may send them."""
+    path = table.key_path("trusted_sources")
+    if any(issue.path == path for issue in table.issues):
+        return
+    if settings.accept_proxy != ACCEPT_PROXY_OFF and not settings.trusted_sources:
+        table.issues.append(
+            ConfigIssue(
+                path,
+                "required when accept_proxy is on: list the addresses (CIDRs) allowed to "
+                "send a PROXY header; nothing is trusted implicitly",
+            )
+        )
 
 
 def _listen_address(value: object) -> Address:
@@ -826,4 +943,6 @@ def _as_argument(issue: ConfigIssue) -> ConfigIssue:
         return ConfigIssue(f"backend {index + 1}", issue.message)
     if path == "listen" or path.startswith("listen["):
         return ConfigIssue("LISTEN", issue.message)
+    if path == "trusted_sources":
+        return ConfigIssue("--trusted-source", issue.message)
     return ConfigIssue("--" + path.replace("_", "-"), issue.message)

@@ -10,6 +10,10 @@ the client, having received nothing, is moved on transparently.
 
 Every attempt, failed or not, is recorded with its reason for the session's log line, and
 each backend's outcome is reported to the caller's `AttemptGate` (passive health).
+
+A backend with ``send_proxy`` gets the session's PROXY header in one write as soon as it
+is connected, before any byte of the client and before its greeting is awaited (Postfix
+sends none until it has the header).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .config import BackendConfig, ServiceSettings, format_hostport
+from .proxy_send import SessionHeaders
 from .relay import Endpoint
 from .resolver import Resolver
 
@@ -130,11 +135,18 @@ class Dialer:
         self._greeting = re.compile(greeting.expect.encode("utf-8")) if greeting else None
 
     async def connect(
-        self, backends: Sequence[BackendConfig], attempts: list[Attempt], gate: AttemptGate
+        self,
+        backends: Sequence[BackendConfig],
+        attempts: list[Attempt],
+        gate: AttemptGate,
+        *,
+        headers: SessionHeaders | None = None,
     ) -> Connected | None:
         """Try ``backends`` in order; record every attempt in ``attempts``.
 
         A connected backend keeps the slot ``gate.acquire`` gave it; the caller releases it.
+        ``headers`` gives the PROXY header for backends with ``send_proxy``; without it
+        (no client to describe) no header is sent.
         """
         settings = self.settings
         deadline = None
@@ -151,7 +163,9 @@ class Dialer:
                 continue
             connected: Connected | None = None
             try:
-                connected, reason = await self._connect_backend(backend, deadline, attempts)
+                connected, reason = await self._connect_backend(
+                    backend, deadline, attempts, headers=headers
+                )
             finally:
                 if connected is None:
                     gate.release(backend)
@@ -164,7 +178,12 @@ class Dialer:
         return None
 
     async def _connect_backend(
-        self, backend: BackendConfig, deadline: float | None, attempts: list[Attempt]
+        self,
+        backend: BackendConfig,
+        deadline: float | None,
+        attempts: list[Attempt],
+        *,
+        headers: SessionHeaders | None,
     ) -> tuple[Connected | None, str]:
         """Every address of one backend in turn; the connection, or the last failure."""
         host, port = backend.address.host, backend.address.port
@@ -184,7 +203,9 @@ class Dialer:
             return None, outcome
         reason = OUTCOME_FAILOVER_TIMEOUT
         for ip, ip_port in addresses:
-            connected, reason = await self._connect_one(backend, ip, ip_port, deadline, attempts)
+            connected, reason = await self._connect_one(
+                backend, ip, ip_port, deadline, attempts, headers=headers
+            )
             if connected is not None or reason == OUTCOME_FAILOVER_TIMEOUT:
                 return connected, reason
         return None, reason
@@ -203,6 +224,8 @@ class Dialer:
         port: int,
         deadline: float | None,
         attempts: list[Attempt],
+        *,
+        headers: SessionHeaders | None,
     ) -> tuple[Connected | None, str]:
         loop = asyncio.get_running_loop()
         settings = self.settings
@@ -226,6 +249,9 @@ class Dialer:
                 outcome = OUTCOME_FAILOVER_TIMEOUT
             attempts.append(Attempt(backend.name, address, outcome, time.monotonic() - started))
             return None, outcome
+        if backend.send_proxy is not None and headers is not None:
+            # First and whole: receivers read the header from their first recv().
+            transport.write(headers.for_backend(backend.send_proxy))
         if self._greeting is not None:
             try:
                 refused = await self._await_greeting(endpoint, deadline)

@@ -186,6 +186,7 @@ class HealthMonitor:
             resolver=self._resolver,
             dns_ttl=settings.dns_ttl,
             source_address=settings.source_address,
+            send_proxy=target.backend.send_proxy,
         )
         if self._on_check is not None:
             self._on_check((target.service.name, target.backend.name), time.monotonic() - started)

@@ -4,6 +4,11 @@ A session wraps the accepted socket (its bytes are held, not lost, while a backe
 chosen), asks the dialer for the first backend that connects in the service's order,
 links the two sockets in a relay, waits for it to end, and writes one access line.
 Nothing that goes wrong inside a session escapes it.
+
+With ``accept_proxy`` the session first checks that the peer is trusted and reads its
+PROXY header; from then on the header's client address is the session's client (for
+the backend order, the log line and the header sent on), and the peer is shown as
+``via``. With ``send_proxy`` the dialer writes the header before any client byte.
 """
 
 from __future__ import annotations
@@ -21,12 +26,27 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .accesslog import AccessLog, SessionRecord, format_timestamp
-from .config import BackendConfig, ServiceConfig, format_hostport
+from .config import (
+    ACCEPT_PROXY_OFF,
+    ACCEPT_PROXY_OPTIONAL,
+    BackendConfig,
+    ServiceConfig,
+    format_hostport,
+)
 from .dialer import OUTCOME_OK, Attempt, Connected, Dialer, configure_socket
 from .metrics import ServiceStats
 from .monitor import HealthMonitor
 from .policy import Candidate, PolicyName, Scheduler
-from .relay import END_SHUTDOWN, Endpoint, Relay
+from .proxy_accept import (
+    END_UNTRUSTED,
+    ClientGone,
+    HeaderRejected,
+    addresses_of,
+    is_trusted,
+    receive_header,
+)
+from .proxy_send import SessionHeaders
+from .relay import END_CLIENT_CLOSED, END_SHUTDOWN, Endpoint, Relay
 from .resolver import Resolver
 
 END_NO_BACKEND: Final = "no_backend"
@@ -176,23 +196,57 @@ class ServiceRuntime:
     # --- admission and accounting ----------------------------------------------------
 
     def admit(self, client_ip: str) -> str | None:
-        """Why a connection from ``client_ip`` must be closed at once, or None to serve it."""
+        """Why a connection from ``client_ip`` must be closed at once, or None to serve it.
+
+        Where clients come through a PROXY header, ``client_ip`` is the sender of the
+        header (a load balancer): the access lists and the per-client limit wait for the
+        header to name the real client (``readmit``).
+        """
         settings = self.settings
-        if settings.allow or settings.deny:
-            address = ipaddress.ip_address(client_ip.split("%", 1)[0])
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-                address = address.ipv4_mapped
-            if any(address in network for network in settings.deny):
-                return REJECT_DENIED
-            if settings.allow and not any(address in network for network in settings.allow):
-                return REJECT_DENIED
         stats = self.stats
         if settings.max_connections is not None and stats.active >= settings.max_connections:
             return REJECT_SERVICE_LIMIT
+        if settings.accept_proxy != ACCEPT_PROXY_OFF:
+            return None
+        if self._denied(client_ip):
+            return REJECT_DENIED
         limit = settings.max_connections_per_client
         if limit is not None and stats.per_client.get(client_ip, 0) >= limit:
             return REJECT_CLIENT_LIMIT
         return None
+
+    def readmit(self, counted_ip: str, client_ip: str) -> str | None:
+        """A PROXY header named the real client: count it instead, and apply the access
+        lists and the per-client limit to it. Why it must be closed, or None."""
+        stats = self.stats
+        if counted_ip != client_ip:
+            self._uncount(counted_ip)
+            stats.per_client[client_ip] = stats.per_client.get(client_ip, 0) + 1
+        if self._denied(client_ip):
+            return REJECT_DENIED
+        limit = self.settings.max_connections_per_client
+        if limit is not None and stats.per_client[client_ip] > limit:
+            return REJECT_CLIENT_LIMIT
+        return None
+
+    def _denied(self, client_ip: str) -> bool:
+        settings = self.settings
+        if not settings.allow and not settings.deny:
+            return False
+        address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if any(address in network for network in settings.deny):
+            return True
+        return bool(settings.allow) and not any(address in net for net in settings.allow)
+
+    def _uncount(self, client_ip: str) -> None:
+        per_client = self.stats.per_client
+        remaining = per_client.get(client_ip, 1) - 1
+        if remaining:
+            per_client[client_ip] = remaining
+        else:
+            per_client.pop(client_ip, None)
 
     def session_started(self, client_ip: str) -> None:
         stats = self.stats
@@ -202,11 +256,7 @@ class ServiceRuntime:
     def session_ended(self, client_ip: str, record: SessionRecord) -> None:
         stats = self.stats
         stats.active -= 1
-        remaining = stats.per_client.get(client_ip, 1) - 1
-        if remaining:
-            stats.per_client[client_ip] = remaining
-        else:
-            stats.per_client.pop(client_ip, None)
+        self._uncount(client_ip)
         stats.ends[record.end] += 1
         stats.bytes_from_client += record.from_client
         stats.bytes_from_backend += record.from_backend
@@ -240,11 +290,14 @@ class Session:
         "_client",
         "_client_gone",
         "_connected",
+        "_header_bytes",
         "_holding",
         "_on_done",
         "_relay",
         "_sock",
         "_task",
+        "client_address",
+        "destination",
         "listener",
         "peer",
         "record",
@@ -261,6 +314,11 @@ class Session:
         self.service = service
         self.listener = listener
         self.peer = peer
+        # Who the client is and what it connected to: the peer and our socket's own
+        # address, unless a trusted PROXY header says otherwise.
+        self.client_address = peer
+        self.destination: tuple[str, int] | None = None
+        self._header_bytes = 0
         self._sock = sock
         self._client: Endpoint | None = None
         self._relay: Relay | None = None
@@ -304,25 +362,38 @@ class Session:
             self.service.release(self._connected)
         record.duration = time.monotonic() - began
         if self._client is not None:
-            record.from_client = self._client.received
+            # What the client sent for the backend: its PROXY header is not relayed.
+            record.from_client = self._client.received - self._header_bytes
         if self._relay is not None:
             record.from_backend = self._relay.backend.received
         # Free the session's place before saying it ended: whoever reads the line may
         # rely on the place being free.
-        self.service.session_ended(self.peer[0], record)
+        self.service.session_ended(self.client_address[0], record)
         self._on_done(self)
         self.service.access_log.emit(record)
 
     async def _serve(self) -> str:
         loop = asyncio.get_running_loop()
         settings = self.service.settings
+        accept_proxy = settings.accept_proxy != ACCEPT_PROXY_OFF
+        if accept_proxy and not is_trusted(self.peer[0], settings.trusted_sources):
+            # Decided on the raw peer before reading a byte: its claims are never heard.
+            self._sock.close()
+            return self._reject(END_UNTRUSTED, "not in trusted_sources")
         configure_socket(self._sock, settings)
-        _transport, client = await loop.connect_accepted_socket(
+        transport, client = await loop.connect_accepted_socket(
             lambda: Endpoint("client", settings.buffer_size), sock=self._sock
         )
         self._client = client
         if client.lost:
             return END_CLIENT_ABORTED
+        sockname = transport.get_extra_info("sockname")
+        if sockname:
+            self.destination = (str(sockname[0]), int(sockname[1]))
+        if accept_proxy:
+            refused = await self._receive_proxy_header(client)
+            if refused is not None:
+                return refused
         client.on_change = self._client_changed
         connected = await self._dial()
         if connected is None:
@@ -340,6 +411,49 @@ class Session:
         relay.start()
         return await asyncio.shield(relay.done)
 
+    async def _receive_proxy_header(self, client: Endpoint) -> str | None:
+        """Read the client's PROXY header and adopt its addresses; the end word if refused."""
+        settings = self.service.settings
+        try:
+            header, length = await receive_header(
+                client,
+                timeout=settings.proxy_header_timeout,
+                optional=settings.accept_proxy == ACCEPT_PROXY_OPTIONAL,
+            )
+        except HeaderRejected as rejected:
+            client.abort()
+            return self._reject(rejected.end, rejected.reason)
+        except ClientGone as gone:
+            # Half-closed sockets stay open (for the relay's sake): close this one here.
+            client.abort()
+            return END_CLIENT_ABORTED if gone.reset else END_CLIENT_CLOSED
+        self._header_bytes = length
+        addresses = addresses_of(header) if header is not None else None
+        if addresses is not None:
+            self.client_address, self.destination = addresses
+            self.record.client = format_hostport(*self.client_address)
+            self.record.via = format_hostport(*self.peer)
+        cause = self.service.readmit(self.peer[0], self.client_address[0])
+        if cause is not None:
+            client.abort()
+            return self._reject(cause, "refused for the client the header names")
+        return None
+
+    def _reject(self, end: str, reason: str) -> str:
+        counts = self.service.stats.rejected
+        counts[end] += 1
+        log.warning(
+            "session %s: %s from %s on %s (service %s): %s; %d so far",
+            self.record.session,
+            end,
+            format_hostport(*self.peer),
+            self.listener,
+            self.service.name,
+            reason,
+            counts[end],
+        )
+        return end
+
     async def _dial(self) -> Connected | None:
         """One pass over the plan; in hold mode, passes until one connects or time is up."""
         service = self.service
@@ -348,8 +462,15 @@ class Session:
         hold = service.settings.hold_timeout
         pause = HOLD_FIRST_PAUSE
         attempts: list[Attempt] = record.attempts
+        headers = None
+        if self.destination is not None:
+            headers = SessionHeaders(
+                self.client_address, self.destination, record.session.encode("ascii")
+            )
         while True:
-            connected = await service.dialer.connect(service.plan(self.peer), attempts, service)
+            connected = await service.dialer.connect(
+                service.plan(self.client_address), attempts, service, headers=headers
+            )
             if len(attempts) > MAX_LOGGED_ATTEMPTS:
                 # Keep the first pass and the latest attempts: the story's start and end.
                 record.attempts_omitted += len(attempts) - MAX_LOGGED_ATTEMPTS
