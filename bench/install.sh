@@ -4,7 +4,7 @@
 # an install fails (stale package lists), so repeated runs stay offline and fast.
 set -eu
 
-PACKAGES="haproxy nginx libnginx-mod-stream wrk iperf3 util-linux"
+PACKAGES="haproxy nginx libnginx-mod-stream wrk iperf3 util-linux iproute2"
 
 missing=""
 for pkg in $PACKAGES; do
