@@ -376,7 +376,8 @@ class Bench:
         self, contender: str, backends: Sequence[int], tuning: Tuning | None = None
     ) -> Iterator[tuple[int, subprocess.Popen[bytes] | None]]:
         """Start a contender proxying a fresh port to `backends`; yield (port, process).
-        The direct contender starts nothing and yields the first backend."""
+        The direct contender starts nothing and yields the last backend (in the failover
+        scenario, the good one)."""
         if contender == "direct":
             yield backends[-1], None
             return
@@ -812,7 +813,8 @@ def markdown_table(figures: list[dict[str, Any]], contenders: Sequence[str]) -> 
             if cell is None:
                 rendered.append("—")
                 continue
-            text = f"{_fmt(cell['median'])} ({_fmt(cell['min'])}-{_fmt(cell['max'])})"
+            # [min, max] rather than (min-max): ranges of added latency can be negative.
+            text = f"{_fmt(cell['median'])} [{_fmt(cell['min'])}, {_fmt(cell['max'])}]"
             ratio = cell["ratio_vs_haproxy"]
             if ratio is not None and contender != REFERENCE:
                 text += f" x{ratio:.2f}"
@@ -830,7 +832,7 @@ def notes(bench: Bench, contenders: Sequence[str]) -> str:
     args = bench.args
     lines = [
         "",
-        f"Each cell: median (min-max) over {args.repeat} run(s), xratio to haproxy's median "
+        f"Each cell: median [min, max] over {args.repeat} run(s), x ratio to haproxy's median "
         "in the same run; contenders interleaved run by run.",
         f"Proxy pinned to CPU {PROXY_CPU}; wrk, iperf3, backends and the failover client on "
         f"CPU {LOAD_CPU}."
