@@ -246,6 +246,25 @@ def recv_exactly(sock: socket.socket, count: int) -> bytes:
     return bytes(data)
 
 
+def closed_without_reply(sock: socket.socket) -> bool:
+    """True once the other side has closed (or reset) without sending a byte."""
+    try:
+        return recv_all(sock) == b""
+    except ConnectionResetError:
+        return True
+
+
+def run_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m tcpfwd ARGS`` to completion (check, reload, status, ...)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tcpfwd", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def exchange(address: tuple[str, int], payload: bytes, timeout: float = 10.0) -> bytes:
     """Connect, send ``payload``, half-close, and return everything received until EOF."""
     with connect(address, timeout) as sock:

@@ -8,7 +8,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 import zlib
@@ -17,7 +16,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import connect, echo_server, exchange, recv_all, recv_exactly, refused_port
+from support import (
+    connect,
+    echo_server,
+    exchange,
+    recv_all,
+    recv_exactly,
+    refused_port,
+    run_command,
+)
 
 TOKEN = "s3cret-token-of-enough-length"
 
@@ -191,32 +198,22 @@ def test_disable_closes_live_sessions_of_that_backend(run_tcpfwd, tmp_path):
         assert get(url + "/backends/mail/a/explode", method="POST")[0] == 404
 
 
-def tcpfwd_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tcpfwd", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 def test_status_and_backend_commands_use_the_admin_endpoint_of_the_config(run_tcpfwd, tmp_path):
     with echo_server(b"A\n") as first, echo_server(b"B\n") as second:
         config = admin_config(tmp_path, two_backends(first.address, second.address), TOKEN)
         proxy = run_tcpfwd("run", "--config", str(config))
         url = admin_url(proxy)
         # Port 0 in the file: point the commands at the bound port, with the file's token.
-        drained = tcpfwd_cli("backend", "drain", "mail/a", "--admin", url, "--token", TOKEN)
+        drained = run_command("backend", "drain", "mail/a", "--admin", url, "--token", TOKEN)
         assert drained.returncode == 0, drained.stderr
         assert drained.stdout.strip() == "mail/a: draining"
-        shown = tcpfwd_cli("status", "--admin", url, "--token", TOKEN)
+        shown = run_command("status", "--admin", url, "--token", TOKEN)
         assert shown.returncode == 0, shown.stderr
         lines = shown.stdout.splitlines()
         assert lines[0].startswith("tcpfwd ") and "serving" in lines[0]
         backend_a = next(line for line in lines if line.strip().startswith("a "))
         assert backend_a.split()[:4] == ["a", first.address, "up", "draining"]
-        refused = tcpfwd_cli("status", "--admin", url)
+        refused = run_command("status", "--admin", url)
         assert refused.returncode == 1
         assert "401" in refused.stderr
 

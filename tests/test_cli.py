@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-from support import echo_server, exchange, refused_port
+from support import echo_server, exchange, refused_port, run_command
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def tcpfwd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tcpfwd", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 def test_check_accepts_the_bundled_example():
-    result = tcpfwd("check", "--config", str(EXAMPLES / "tcpfwd.toml"))
+    result = run_command("check", "--config", str(EXAMPLES / "tcpfwd.toml"))
     assert result.returncode == 0, result.stderr
     assert "OK (2 services, 3 listen addresses, 5 backends)" in result.stdout
 
 
 def test_check_accepts_the_demo_config():
-    result = tcpfwd("check", "--config", str(EXAMPLES / "demo.toml"))
+    result = run_command("check", "--config", str(EXAMPLES / "demo.toml"))
     assert result.returncode == 0, result.stderr
 
 
@@ -43,7 +31,7 @@ connect_timeout = "soon"
 conect_timeout = "2s"
 """
     )
-    result = tcpfwd("check", "--config", str(config))
+    result = run_command("check", "--config", str(config))
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert lines[0] == "tcpfwd: invalid configuration (3 errors):"
@@ -58,31 +46,31 @@ conect_timeout = "2s"
 def test_check_reports_toml_syntax_errors(tmp_path):
     config = tmp_path / "syntax.toml"
     config.write_text("[services.smtp\nlisten = 1\n")
-    result = tcpfwd("check", "--config", str(config))
+    result = run_command("check", "--config", str(config))
     assert result.returncode == 2
     assert f"{config}: not valid TOML" in result.stderr
 
 
 def test_check_reports_a_missing_file(tmp_path):
-    result = tcpfwd("check", "--config", str(tmp_path / "nope.toml"))
+    result = run_command("check", "--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 2
     assert "cannot read: No such file or directory" in result.stderr
 
 
 def test_quick_mode_with_a_bad_backend_exits_two_without_listening():
-    result = tcpfwd("127.0.0.1:0", "mail1.internal")
+    result = run_command("127.0.0.1:0", "mail1.internal")
     assert result.returncode == 2
     assert "command line: backend 1: 'mail1.internal' has no port" in result.stderr
 
 
 def test_quick_mode_names_the_option_at_fault():
-    result = tcpfwd("127.0.0.1:0", "127.0.0.1:25", "--connect-timeout", "soon")
+    result = run_command("127.0.0.1:0", "127.0.0.1:25", "--connect-timeout", "soon")
     assert result.returncode == 2
     assert "command line: --connect-timeout: 'soon' is not a duration" in result.stderr
 
 
 def test_quick_mode_needs_a_backend():
-    result = tcpfwd("127.0.0.1:10025")
+    result = run_command("127.0.0.1:10025")
     assert result.returncode == 2
     assert "BACKEND" in result.stderr
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from peers import CLIENT_IP, RecordingBackend, client_from, wait_until
-from support import connect, echo_server, exchange, recv_all
+from support import closed_without_reply, connect, echo_server, exchange, recv_all
 from tcpfwd.proxy_protocol import (
     TLV,
     TLV_UNIQUE_ID,
@@ -25,14 +25,6 @@ from tcpfwd.proxy_protocol import (
 TRUSTED = ["--accept-proxy", "--trusted-source", "127.0.0.1/32"]
 CLAIMED = ("192.0.2.7", 40123)
 DESTINATION = ("198.51.100.1", 25)
-
-
-def closed_without_reply(sock: socket.socket) -> bool:
-    """True once the other side has closed (or reset) without sending a byte."""
-    try:
-        return recv_all(sock) == b""
-    except ConnectionResetError:
-        return True
 
 
 # --- good headers ---------------------------------------------------------------------

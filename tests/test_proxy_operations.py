@@ -7,15 +7,8 @@ import socket
 import pytest
 
 from peers import RecordingBackend
-from support import connect, echo_server, recv_all
+from support import closed_without_reply, connect, echo_server, recv_all
 from tcpfwd.proxy_protocol import decode, encode_v1
-
-
-def closed_without_reply(sock: socket.socket) -> bool:
-    try:
-        return recv_all(sock) == b""
-    except ConnectionResetError:
-        return True
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
