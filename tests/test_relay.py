@@ -1,4 +1,7 @@
-"""Bytes both ways, unchanged, with flow control and half-close, through a real tcpfwd."""
+"""Bytes both ways, unchanged, with flow control and half-close, through a real tcpfwd.
+
+Every test here runs once per relay (copy and splice): both keep the same contract.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from support import ThreadedServer, connect, echo_server, recv_all, recv_exactly
+
+pytestmark = pytest.mark.usefixtures("relay_mode")
 
 RST_ON_CLOSE = struct.pack("ii", 1, 0)
 

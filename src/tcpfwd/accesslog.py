@@ -38,6 +38,8 @@ class SessionRecord:
     connect_time: float | None = None
     from_client: int = 0
     from_backend: int = 0
+    # Which relay moved the bytes ("splice" or "copy"); None when no backend was reached.
+    relay: str | None = None
     duration: float = 0.0
     end: str = ""
 
@@ -73,6 +75,7 @@ def format_text(record: SessionRecord) -> str:
         f"connect={_ms(record.connect_time) if record.connect_time is not None else '-'}",
         f"from_client={record.from_client}",
         f"from_backend={record.from_backend}",
+        f"relay={record.relay or '-'}",
         f"duration={record.duration:.3f}s",
         f"end={record.end}",
     ]
@@ -101,6 +104,7 @@ def format_json(record: SessionRecord) -> str:
         "connect_ms": None if record.connect_time is None else round(record.connect_time * 1000, 3),
         "from_client": record.from_client,
         "from_backend": record.from_backend,
+        "relay": record.relay,
         "duration_s": round(record.duration, 6),
         "end": record.end,
     }

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from . import __version__
 from .accesslog import configure_logging
-from .config import Config, ConfigError, load_config, quick_config
+from .config import RELAY_MODES, Config, ConfigError, load_config, quick_config
 from .listener import ListenError
 from .server import run
 
@@ -68,6 +68,11 @@ def _quick_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-keepalive", action="store_true", help="no TCP keepalive")
     parser.add_argument("--no-nodelay", action="store_true", help="leave Nagle's algorithm on")
     parser.add_argument(
+        "--relay",
+        choices=RELAY_MODES,
+        help="splice (Linux, zero-copy), copy, or auto: splice where available (default)",
+    )
+    parser.add_argument(
         "--grace-period", metavar="DURATION", help="drain time on stop (default 30s)"
     )
     _add_logging_options(parser)
@@ -89,7 +94,13 @@ def _file_parser(command: str) -> argparse.ArgumentParser:
 
 def _quick_config(args: argparse.Namespace) -> Config:
     settings: dict[str, object] = {}
-    for option in ("connect_timeout", "failover_timeout", "idle_timeout", "source_address"):
+    for option in (
+        "connect_timeout",
+        "failover_timeout",
+        "idle_timeout",
+        "source_address",
+        "relay",
+    ):
         value = getattr(args, option)
         if value is not None:
             settings[option] = value

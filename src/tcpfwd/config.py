@@ -20,6 +20,9 @@ T = TypeVar("T")
 
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# How bytes are moved: "splice" (Linux, zero-copy through a pipe), "copy" (portable), or
+# "auto": splice where the system has it, else copy.
+RELAY_MODES = ("auto", "splice", "copy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +236,7 @@ class ServiceSettings:
     buffer_size: int = 256 * 1024
     source_address: str | None = None
     backlog: int = 511
+    relay: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +269,7 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "buffer_size": _size,
     "source_address": _ip_address,
     "backlog": _int_between(1, 65535),
+    "relay": _choice(RELAY_MODES),
 }
 assert set(_SETTING_PARSERS) == {f.name for f in fields(ServiceSettings)}
 

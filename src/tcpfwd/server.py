@@ -20,20 +20,22 @@ from .accesslog import AccessLog
 from .config import Config
 from .listener import Listener, ListenError, open_listening_sockets
 from .session import ServiceRuntime, Session
+from .splice import (
+    DESCRIPTORS_PER_SESSION,
+    PIPE_POOL_MAX,
+    RELAY_SPLICE,
+    PipePool,
+    choose_relay,
+    splice_available,
+)
 
 log = logging.getLogger("tcpfwd")
 
 __all__ = ["ListenError", "Server", "run"]
 
 
-def session_capacity() -> int:
-    """How many sessions the descriptor limit allows, after raising it as far as it goes.
-
-    Each session holds two descriptors. Past this many we stop accepting, so extra
-    clients wait in the kernel's queue rather than being accepted and then dropped for
-    want of a descriptor towards the backend. A reserve stays free for listeners,
-    logs, resolver and checks.
-    """
+def raise_descriptor_limit() -> int:
+    """Raise the soft descriptor limit as far as it goes; return it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
@@ -42,8 +44,28 @@ def session_capacity() -> int:
             soft = target
         except (ValueError, OSError):
             pass
-    reserve = 32 + soft // 20
-    return max(1, (soft - reserve) // 2)
+    return soft
+
+
+def _reserve(limit: int) -> int:
+    # Kept free for listeners, logs, resolver and checks.
+    return 32 + limit // 20
+
+
+def pipes_to_keep(limit: int) -> int:
+    """How many idle pipes the splice relay may keep: none when descriptors are scarce."""
+    return min(PIPE_POOL_MAX, limit // 256)
+
+
+def session_capacity(limit: int, per_session: int = 2, held: int = 0) -> int:
+    """How many sessions ``limit`` descriptors allow.
+
+    A session holds ``per_session`` descriptors (two sockets; the splice relay adds two
+    pipes); ``held`` are kept outside sessions (idle pipes). Past this many we stop
+    accepting, so extra clients wait in the kernel's queue rather than being accepted
+    and then dropped for want of a descriptor towards the backend.
+    """
+    return max(1, (limit - _reserve(limit) - held) // per_session)
 
 
 class Server:
@@ -53,7 +75,12 @@ class Server:
         self.listeners: list[Listener] = []
         self.sessions: set[Session] = set()
         self._services: dict[Listener, ServiceRuntime] = {}
-        self.capacity = session_capacity()
+        limit = raise_descriptor_limit()
+        spliced = [s for s in config.services if choose_relay(s.settings.relay) == RELAY_SPLICE]
+        # One pool for every service: a pipe is a pipe, whichever service ended with it.
+        self.pipes = PipePool(keep=pipes_to_keep(limit) if spliced else 0)
+        per_session = DESCRIPTORS_PER_SESSION if spliced else 2
+        self.capacity = session_capacity(limit, per_session, held=2 * self.pipes.keep)
         self._at_capacity = False
         self._last_capacity_log = 0.0
         self._stop_requests = 0
@@ -65,7 +92,7 @@ class Server:
         bound: list[tuple[ServiceRuntime, socket.socket]] = []
         try:
             for service_config in self.config.services:
-                service = ServiceRuntime(service_config, self.access_log)
+                service = ServiceRuntime(service_config, self.access_log, self.pipes)
                 for address in service_config.listen:
                     for sock in open_listening_sockets(address, service_config.settings.backlog):
                         bound.append((service, sock))
@@ -129,6 +156,12 @@ class Server:
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
         if not self.listeners:
             self.bind()
+        for service_config in self.config.services:
+            if service_config.settings.relay == RELAY_SPLICE and not splice_available():
+                log.warning(
+                    "service %s: relay = splice is not available here; using copy",
+                    service_config.name,
+                )
         for listener in self.listeners:
             listener.start()
             service = self._services[listener]
@@ -147,6 +180,7 @@ class Server:
         for listener in self.listeners:
             listener.close()
         await self._drain()
+        self.pipes.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         log.info("stopped")

@@ -20,7 +20,8 @@ from typing import Final
 from .accesslog import AccessLog, SessionRecord
 from .config import BackendConfig, ServiceConfig, format_hostport
 from .dialer import Attempt, Connected, Dialer, configure_socket
-from .relay import END_SHUTDOWN, Endpoint, Relay
+from .relay import END_SHUTDOWN, BaseRelay, Endpoint, Relay
+from .splice import RELAY_SPLICE, PipePool, choose_relay, take_over
 
 END_NO_BACKEND: Final = "no_backend"
 END_CLIENT_ABORTED: Final = "client_aborted"
@@ -38,18 +39,31 @@ def new_session_id() -> str:
 
 
 class ServiceRuntime:
-    """What sessions of one service share: its config, dialer and access log."""
+    """What sessions of one service share: its config, dialer, access log and pipes."""
 
-    def __init__(self, config: ServiceConfig, access_log: AccessLog) -> None:
+    def __init__(
+        self, config: ServiceConfig, access_log: AccessLog, pipes: PipePool | None = None
+    ) -> None:
         self.config = config
         self.name = config.name
         self.settings = config.settings
         self.dialer = Dialer(config.settings)
         self.access_log = access_log
+        self.relay = choose_relay(config.settings.relay)
+        self.pipes = pipes if pipes is not None else PipePool(keep=0)
 
     def plan(self, client: tuple[str, int]) -> Sequence[BackendConfig]:
         """The order in which to try the backends for this client."""
         return self.config.backends
+
+    def new_relay(self, client: Endpoint, backend: Endpoint) -> BaseRelay:
+        """The service's relay for two endpoints; copy where splice declines this session."""
+        idle_timeout = self.settings.idle_timeout
+        if self.relay == RELAY_SPLICE:
+            spliced = take_over(client, backend, self.pipes, idle_timeout=idle_timeout)
+            if spliced is not None:
+                return spliced
+        return Relay(client, backend, idle_timeout=idle_timeout)
 
 
 class Session:
@@ -77,7 +91,7 @@ class Session:
         self.peer = peer
         self._sock = sock
         self._client: Endpoint | None = None
-        self._relay: Relay | None = None
+        self._relay: BaseRelay | None = None
         self._task: asyncio.Task[None] | None = None
         self._client_gone = False
         self.record = SessionRecord(
@@ -139,7 +153,8 @@ class Session:
         record.backend = connected.backend.name
         record.backend_address = connected.address
         record.local_address = connected.local_address
-        relay = Relay(client, connected.endpoint, idle_timeout=settings.idle_timeout)
+        relay = self.service.new_relay(client, connected.endpoint)
+        record.relay = relay.kind
         self._relay = relay
         relay.start()
         return await asyncio.shield(relay.done)
