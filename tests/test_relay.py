@@ -120,9 +120,13 @@ def test_random_data_over_many_parallel_sessions_arrives_intact(run_tcpfwd):
         assert all(r["end"] == "client_closed" for r in records)
 
 
-def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded(run_tcpfwd):
+def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded_and_idle(run_tcpfwd):
+    # Flow control has two failure modes: reading on regardless grows memory (the copy
+    # relay buffers it), or waking up for a source it cannot drain burns CPU (the splice
+    # relay's pipe is bounded by the kernel, so it would spin instead). Check both.
     total = 1 << 30
     block = os.urandom(1 << 20)
+    stall = 0.25
 
     def firehose(conn: socket.socket) -> None:
         for _ in range(total // len(block)):
@@ -133,6 +137,8 @@ def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded(run_tcpfwd):
         proxy = run_tcpfwd("127.0.0.1:0", backend.address)
         baseline = proxy.rss_bytes()
         peak = baseline
+        stalls = 0
+        stalled_cpu = 0.0
         digest = hashlib.sha256()
         received = 0
         with connect(proxy.address(), timeout=60) as client:
@@ -141,7 +147,10 @@ def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded(run_tcpfwd):
             while True:
                 if received >= next_stall:
                     # Stop reading for a while: the backend keeps pushing at full speed.
-                    time.sleep(0.25)
+                    cpu_before = proxy.cpu_seconds()
+                    time.sleep(stall)
+                    stalled_cpu += proxy.cpu_seconds() - cpu_before
+                    stalls += 1
                     peak = max(peak, proxy.rss_bytes())
                     next_stall += 128 << 20
                 data = client.recv(1 << 20)
@@ -155,6 +164,10 @@ def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded(run_tcpfwd):
             expected.update(block)
         assert digest.digest() == expected.digest()
         assert peak - baseline < 48 * 1024 * 1024, f"RSS grew by {(peak - baseline) >> 20} MiB"
+        # Filling the buffers at the start of a stall takes milliseconds; then nothing.
+        assert stalled_cpu < 0.3 * stalls * stall, (
+            f"{stalled_cpu:.2f}s of CPU while the reader stalled for {stalls * stall:.2f}s"
+        )
 
 
 def test_idle_session_is_closed_after_idle_timeout(run_tcpfwd):
