@@ -1,0 +1,146 @@
+"""What only the splice relay has: its selection, its pipes, and their reuse.
+
+The behaviour both relays share (half-close, resets, integrity, flow control, idle
+timeout) is tested once for each in test_relay.py and test_failover.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import SPLICE_AVAILABLE
+from support import ThreadedServer, connect, echo_server, exchange, recv_all, recv_exactly
+
+pytestmark = pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no splice(2) here")
+
+RST_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_auto_relay_is_splice_on_linux_and_copy_can_be_forced(run_tcpfwd):
+    with echo_server() as backend:
+        auto = run_tcpfwd("127.0.0.1:0", backend.address)
+        forced = run_tcpfwd("127.0.0.1:0", backend.address, "--relay", "copy")
+        for proxy in (auto, forced):
+            assert exchange(proxy.address(), b"which?") == b"which?"
+        assert auto.access_records(1)[0]["relay"] == "splice"
+        assert forced.access_records(1)[0]["relay"] == "copy"
+
+
+def test_relay_is_a_validated_setting(run_tcpfwd):
+    proxy = run_tcpfwd("127.0.0.1:0", "127.0.0.1:9", "--relay", "zerocopy", wait_ready=False)
+    assert proxy.wait(10) == 2
+    assert any("--relay" in line for line in proxy.events)
+
+
+def test_a_pipe_left_with_bytes_is_never_given_to_another_session(run_tcpfwd):
+    # The first session ends (idle timeout) while a pipe still holds backend bytes the
+    # client never read; the next session must see only its own bytes.
+    flooding = threading.Event()
+
+    def flood_or_echo(conn: socket.socket) -> None:
+        first = conn.recv(5)
+        if first == b"flood":
+            flooding.set()
+            with contextlib.suppress(OSError):
+                while True:
+                    conn.sendall(b"F" * 65536)
+            return
+        conn.sendall(first)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+
+    with ThreadedServer(flood_or_echo) as backend:
+        proxy = run_tcpfwd(
+            "127.0.0.1:0", backend.address, "--relay", "splice", "--idle-timeout", "300ms"
+        )
+        stuck = connect(proxy.address())
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"flood")
+        assert flooding.wait(5)
+        (first,) = proxy.access_records(1, timeout=10)
+        stuck.close()
+        assert first["end"] == "idle_timeout"
+        assert int(first["from_backend"]) > 0
+        for i in range(4):
+            payload = b"hello %d " % i * 1000
+            assert exchange(proxy.address(), payload) == payload
+        records = proxy.access_records(5)
+        assert [r["relay"] for r in records] == ["splice"] * 5
+
+
+def test_descriptors_return_to_a_bound_after_many_sessions(run_tcpfwd):
+    # Sessions end every way a spliced session can: both sides close, client reset,
+    # backend reset, idle timeout. Whatever the way, the session's sockets and pipes go:
+    # only the pool's few idle pipes may remain, and a second round reuses them.
+    def serve(conn: socket.socket) -> None:
+        command = conn.recv(5)
+        if command == b"reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST_ON_CLOSE)
+            return
+        if command == b"sleep":
+            time.sleep(1.0)
+            return
+        conn.sendall(command)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+
+    with ThreadedServer(serve) as backend:
+        proxy = run_tcpfwd(
+            "127.0.0.1:0", backend.address, "--relay", "splice", "--idle-timeout", "300ms"
+        )
+        address = proxy.address()
+        # The event loop opens some descriptors of its own on first use (io_uring).
+        assert exchange(address, b"warm up") == b"warm up"
+        proxy.access_records(1)
+        baseline = open_descriptors(proxy.pid)
+
+        def session(kind: int) -> None:
+            with connect(address, timeout=10) as client:
+                if kind == 0:
+                    client.sendall(b"echo!" + os.urandom(200_000))
+                    client.shutdown(socket.SHUT_WR)
+                    assert len(recv_all(client)) == 200_005
+                elif kind == 1:
+                    client.sendall(b"echo!")
+                    assert recv_exactly(client, 5) == b"echo!"
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST_ON_CLOSE)
+                elif kind == 2:
+                    client.sendall(b"reset")
+                    with contextlib.suppress(ConnectionResetError):
+                        recv_all(client)
+                else:
+                    client.sendall(b"sleep")
+                    with contextlib.suppress(ConnectionResetError):
+                        recv_all(client)
+
+        def round_of_sessions(count: int, logged: int) -> int:
+            with ThreadPoolExecutor(max_workers=20) as pool:
+                list(pool.map(session, [i % 4 for i in range(count)]))
+            proxy.access_records(logged, timeout=10)
+            # The loop closes a transport's own descriptor on its next turn: give it one.
+            deadline = time.monotonic() + 5
+            while open_descriptors(proxy.pid) > baseline + 32 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return open_descriptors(proxy.pid)
+
+        after_first = round_of_sessions(80, logged=81)
+        ends = {r["end"] for r in proxy.access_records(81)[1:]}
+        assert ends >= {"client_closed", "client_reset", "backend_reset", "idle_timeout"}
+        after_second = round_of_sessions(80, logged=161)
+        # At most PIPE_POOL_MAX (16) idle pipes of two descriptors each stay open.
+        assert after_first <= baseline + 32
+        assert after_second <= after_first
