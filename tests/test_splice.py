@@ -38,12 +38,6 @@ def test_auto_relay_is_splice_on_linux_and_copy_can_be_forced(run_tcpfwd):
         assert forced.access_records(1)[0]["relay"] == "copy"
 
 
-def test_relay_is_a_validated_setting(run_tcpfwd):
-    proxy = run_tcpfwd("127.0.0.1:0", "127.0.0.1:9", "--relay", "zerocopy", wait_ready=False)
-    assert proxy.wait(10) == 2
-    assert any("--relay" in line for line in proxy.events)
-
-
 def test_a_pipe_left_with_bytes_is_never_given_to_another_session(run_tcpfwd):
     # The first session ends (idle timeout) while a pipe still holds backend bytes the
     # client never read; the next session must see only its own bytes.
