@@ -45,10 +45,15 @@ log = logging.getLogger("tcpfwd")
 RELAY_SPLICE: Final = "splice"
 RELAY_COPY: Final = "copy"
 
-# Bytes per pipe. splice moves at most a pipe per call; 1 MiB (Linux's default
-# pipe-max-size) keeps the calls per GB low. Where the kernel refuses, the pipe keeps
-# what it has (64 KiB by default) and the relay still works, with more calls.
-PIPE_SIZE: Final = 1 << 20
+# Bytes per pipe: at most what one splice call moves, and what may wait in the kernel
+# per direction (as buffer_size does for the copy relay). Measured on loopback, 256 KiB
+# costs no more CPU per GB than 1 MiB, while 64 KiB costs half as much again; and an
+# unprivileged user's pipes share fs.pipe-user-pages-soft (64 MiB by default), so each
+# pipe should take no more than it needs.
+PIPE_SIZE: Final = 256 << 10
+# Past that quota the kernel makes new pipes 8 KiB: too small to beat copying, so a
+# session that would get one is copied instead.
+MIN_PIPE_SIZE: Final = 64 << 10
 # Sockets (2) and two pipes of two ends each: what one spliced session holds.
 DESCRIPTORS_PER_SESSION: Final = 6
 # Empty pipes kept for the next sessions, saving four syscalls per pipe per session.
@@ -58,6 +63,8 @@ ROUNDS_PER_WAKEUP: Final = 8
 
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
+
+_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 _IDLE, _READING, _WRITING = 0, 1, 2
 
@@ -79,12 +86,12 @@ class Pipe:
 
     __slots__ = ("pending", "read_fd", "size", "write_fd")
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = PIPE_SIZE) -> None:
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self.size = fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            self.size = fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, size)
         except OSError:
-            # Over pipe-max-size or the user's pipe quota: the default size still works.
+            # Over pipe-max-size or the user's pipe quota: keep what the kernel gave.
             self.size = fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ)
         self.pending = 0
 
@@ -93,23 +100,47 @@ class Pipe:
         os.close(self.write_fd)
 
 
+class PipeTooSmall(OSError):
+    """The kernel gave a pipe too small to be worth splicing through."""
+
+
 class PipePool:
     """Pipes shared by all sessions; only empty pipes are kept, at most ``keep`` of them."""
 
-    __slots__ = ("_idle", "keep")
+    __slots__ = ("_idle", "_warned", "keep", "min_size", "size")
 
-    def __init__(self, keep: int = PIPE_POOL_MAX) -> None:
+    def __init__(
+        self, keep: int = PIPE_POOL_MAX, size: int = PIPE_SIZE, min_size: int = MIN_PIPE_SIZE
+    ) -> None:
         self.keep = keep
+        self.size = size
+        self.min_size = min_size
         self._idle: list[Pipe] = []
+        self._warned = False
 
     def __len__(self) -> int:
         return len(self._idle)
 
     def acquire(self) -> Pipe:
-        """An empty pipe; raises OSError when no descriptor is left for a new one."""
+        """An empty pipe.
+
+        Raises OSError when no descriptor is left for a new one, and PipeTooSmall when
+        the user's pipe quota is spent (the kernel then hands out 8 KiB pipes).
+        """
         if self._idle:
             return self._idle.pop()
-        return Pipe()
+        pipe = Pipe(self.size)
+        if pipe.size < self.min_size:
+            pipe.close()
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "pipes are down to %d bytes (fs.pipe-user-pages-soft reached?): "
+                    "sessions beyond it are copied, not spliced",
+                    pipe.size,
+                )
+            raise PipeTooSmall(errno.ENOBUFS, "pipe too small to splice through")
+        return pipe
 
     def release(self, pipe: Pipe) -> None:
         # A pipe with bytes left in it (a session cut short) would leak them into the
@@ -310,8 +341,9 @@ def take_over(
 
     Declines, leaving everything as it was, when an endpoint is already lost (the copy
     relay reports that), when a transport still has bytes to write (they must go first,
-    and only the transport can send them), or when no descriptor is left for the pipes
-    and duplicates (a session is worth more than its speed).
+    and only the transport can send them), when no descriptor is left for the pipes and
+    duplicates (a session is worth more than its speed), or when the pipes would be too
+    small to be faster than copying.
     """
     endpoints = (client, backend)
     fds: list[int] = []
@@ -336,7 +368,9 @@ def take_over(
                 os.close(duplicate)
                 raise
     except OSError as error:
-        if error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        # Out of descriptors or pipe quota: expected under load, and the copy relay
+        # serves the session. Anything else is worth a word.
+        if not isinstance(error, PipeTooSmall) and error.errno not in _SHORTAGE:
             log.warning("splice relay unavailable for a session: %s", error)
         for pipe in pipes:
             pool.release(pipe)
