@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from support import ThreadedServer, connect, echo_server, recv_all, recv_exactly
+from support import ThreadedServer, blackhole, connect, echo_server, recv_all, recv_exactly
 
 pytestmark = pytest.mark.usefixtures("relay_mode")
 
@@ -95,6 +95,34 @@ def test_client_reset_closes_the_backend_promptly(run_tcpfwd):
         assert backend_saw_end.wait(2)
         (record,) = proxy.access_records(1)
         assert record["end"] == "client_reset"
+
+
+def test_early_data_goes_first_even_to_a_backend_slow_to_read(run_tcpfwd):
+    early = os.urandom(240_000)
+    late = os.urandom(2_000_000)
+
+    def slow_echo(conn: socket.socket) -> None:
+        time.sleep(0.3)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+
+    with blackhole() as hole, ThreadedServer(slow_echo) as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", hole, backend.address, "--connect-timeout", "300ms")
+        with connect(proxy.address(), timeout=30) as client:
+            client.sendall(early)  # while the bouncer still waits on the blackhole
+
+            def send_the_rest() -> None:
+                client.sendall(late)
+                client.shutdown(socket.SHUT_WR)
+
+            sender = threading.Thread(target=send_the_rest)
+            sender.start()
+            echoed = recv_all(client)
+            sender.join()
+        assert echoed == early + late
+        (record,) = proxy.access_records(1)
+        assert record["from_client"] == str(len(early) + len(late))
 
 
 def test_random_data_over_many_parallel_sessions_arrives_intact(run_tcpfwd):
