@@ -41,11 +41,13 @@ def test_client_half_close_reaches_backend_which_can_still_answer(run_tcpfwd):
 
 def test_backend_half_close_reaches_client_which_can_still_send(run_tcpfwd):
     received: list[bytes] = []
+    listened = threading.Event()
 
     def speak_then_listen(conn: socket.socket) -> None:
         conn.sendall(b"bye")
         conn.shutdown(socket.SHUT_WR)
         received.append(recv_all(conn))
+        listened.set()
 
     with ThreadedServer(speak_then_listen) as backend:
         proxy = run_tcpfwd("127.0.0.1:0", backend.address)
@@ -54,6 +56,8 @@ def test_backend_half_close_reaches_client_which_can_still_send(run_tcpfwd):
             client.sendall(b"still talking after your EOF")
             client.shutdown(socket.SHUT_WR)
             proxy.access_records(1)
+        # The session may be logged before the backend's thread has run: wait for it.
+        assert listened.wait(5)
         assert received == [b"still talking after your EOF"]
         (record,) = proxy.access_records(1)
         assert record["end"] == "backend_closed"
