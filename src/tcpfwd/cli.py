@@ -94,13 +94,9 @@ def _file_parser(command: str) -> argparse.ArgumentParser:
 
 def _quick_config(args: argparse.Namespace) -> Config:
     settings: dict[str, object] = {}
-    for option in (
-        "connect_timeout",
-        "failover_timeout",
-        "idle_timeout",
-        "source_address",
-        "relay",
-    ):
+    if args.relay is not None:
+        settings["relay"] = args.relay
+    for option in ("connect_timeout", "failover_timeout", "idle_timeout", "source_address"):
         value = getattr(args, option)
         if value is not None:
             settings[option] = value
