@@ -234,9 +234,9 @@ class ServiceSettings:
     nodelay: bool = True
     # Per direction: how much may wait in user space before the other side is paused.
     buffer_size: int = 256 * 1024
+    relay: str = "auto"
     source_address: str | None = None
     backlog: int = 511
-    relay: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,9 +267,9 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "keepalive_count": _int_between(1, 127),
     "nodelay": _boolean,
     "buffer_size": _size,
+    "relay": _choice(RELAY_MODES),
     "source_address": _ip_address,
     "backlog": _int_between(1, 65535),
-    "relay": _choice(RELAY_MODES),
 }
 assert set(_SETTING_PARSERS) == {f.name for f in fields(ServiceSettings)}
 

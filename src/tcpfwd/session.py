@@ -47,10 +47,10 @@ class ServiceRuntime:
         self.config = config
         self.name = config.name
         self.settings = config.settings
-        self.dialer = Dialer(config.settings)
-        self.access_log = access_log
         self.relay = choose_relay(config.settings.relay)
         self.pipes = pipes if pipes is not None else PipePool(keep=0)
+        self.dialer = Dialer(config.settings)
+        self.access_log = access_log
 
     def plan(self, client: tuple[str, int]) -> Sequence[BackendConfig]:
         """The order in which to try the backends for this client."""
