@@ -1,19 +1,45 @@
 from __future__ import annotations
 
+import json
+import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from support import Tcpfwd
+from support import Tcpfwd, parse_logfmt
+
+SPLICE_AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
+RELAYS = [
+    "copy",
+    pytest.param(
+        "splice", marks=pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no splice(2) here")
+    ),
+]
+QUICK_MODE_COMMANDS = ("run", "check")
+
+
+@pytest.fixture(params=RELAYS)
+def relay_mode(request: pytest.FixtureRequest) -> str:
+    """Each relay in turn; ``run_tcpfwd`` forces it in tests that use this fixture."""
+    mode: str = request.param
+    return mode
 
 
 @pytest.fixture
-def run_tcpfwd() -> Iterator[Callable[..., Tcpfwd]]:
-    """Start the real ``tcpfwd`` command; every process started is stopped after the test."""
+def run_tcpfwd(request: pytest.FixtureRequest) -> Iterator[Callable[..., Tcpfwd]]:
+    """Start the real ``tcpfwd`` command; every process started is stopped after the test.
+
+    In a test that uses ``relay_mode`` the relay is forced with ``--relay``, and every
+    session logged must name that relay: a silent fallback would test the wrong code.
+    """
+    relay = request.getfixturevalue("relay_mode") if "relay_mode" in request.fixturenames else None
     started: list[Tcpfwd] = []
 
     def start(*args: str, **kwargs: Any) -> Tcpfwd:
+        if relay is not None and (not args or args[0] not in QUICK_MODE_COMMANDS):
+            args = (*args, "--relay", relay)
         process = Tcpfwd(args, **kwargs)
         started.append(process)
         return process
@@ -21,3 +47,14 @@ def run_tcpfwd() -> Iterator[Callable[..., Tcpfwd]]:
     yield start
     for process in started:
         process.kill()
+    if relay is not None:
+        for process in started:
+            for line in process.access:
+                used = _relay_used(line)
+                # "-": the session never reached a backend, so no relay ran.
+                assert used in (relay, "-"), f"a session used {used}, not {relay}: {line}"
+
+
+def _relay_used(access_line: str) -> str:
+    record = json.loads(access_line) if access_line.startswith("{") else parse_logfmt(access_line)
+    return str(record.get("relay") or "-")

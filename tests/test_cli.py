@@ -96,3 +96,10 @@ backends = ["{backend.address}"]
         first, second = proxy.access_records(2)
         assert (first["service"], second["service"]) == ("one", "two")
         assert [a["outcome"] for a in first["attempts"]] == ["refused", "ok"]
+
+
+def test_relay_option_takes_only_known_relays():
+    result = run_command("127.0.0.1:0", "127.0.0.1:9", "--relay", "zerocopy")
+    assert result.returncode == 2
+    assert "--relay" in result.stderr
+    assert "zerocopy" in result.stderr

@@ -254,3 +254,19 @@ def test_quick_mode_builds_one_default_service():
     ]
     assert default.settings.connect_timeout == 1.0
     assert config.source == "command line"
+
+
+def test_relay_is_auto_by_default_and_each_service_may_force_one():
+    assert ServiceSettings().relay == "auto"
+    config = parse_config(
+        {
+            "defaults": {"relay": "copy"},
+            "services": {"a": service(), "b": service(listen="127.0.0.1:10026", relay="splice")},
+        },
+        "t",
+    )
+    a, b = config.services
+    assert (a.settings.relay, b.settings.relay) == ("copy", "splice")
+    assert issues_of({"services": {"a": service(relay="zerocopy")}}) == [
+        "services.a.relay: 'zerocopy' is not one of: auto, splice, copy"
+    ]

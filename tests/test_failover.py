@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from support import (
     blackhole,
     connect,
@@ -15,7 +17,11 @@ from support import (
     refused_port,
 )
 
+# For the tests where bytes flow (held early bytes, greetings, byte counts): both relays.
+each_relay = pytest.mark.usefixtures("relay_mode")
 
+
+@each_relay
 def test_first_backend_is_used_when_it_is_up(run_tcpfwd):
     with echo_server(b"one\n") as first, echo_server(b"two\n") as second:
         proxy = run_tcpfwd("127.0.0.1:0", first.address, second.address)
@@ -100,6 +106,7 @@ def test_all_backends_down_closes_the_client_without_a_byte(run_tcpfwd):
         assert record["failed"].count("/refused/") == 2
 
 
+@each_relay
 def test_client_data_sent_before_the_backend_connected_is_delivered_in_order(run_tcpfwd):
     with blackhole() as hole, echo_server() as live:
         proxy = run_tcpfwd("127.0.0.1:0", hole, live.address, "--connect-timeout", "500ms")
@@ -123,6 +130,7 @@ def test_client_that_leaves_during_failover_is_logged_as_aborted(run_tcpfwd):
         assert record["end"] == "client_aborted"
 
 
+@each_relay
 def test_access_line_names_client_listener_backend_and_local_address(run_tcpfwd):
     with echo_server() as live:
         proxy = run_tcpfwd("127.0.0.1:0", live.address)
@@ -143,6 +151,7 @@ def test_access_line_names_client_listener_backend_and_local_address(run_tcpfwd)
         assert record["end"] == "client_closed"
 
 
+@each_relay
 def test_json_access_log_carries_every_attempt(run_tcpfwd):
     with refused_port() as dead, echo_server(b"hi\n") as live:
         proxy = run_tcpfwd("127.0.0.1:0", dead, live.address, "--log-format", "json")
@@ -156,6 +165,7 @@ def test_json_access_log_carries_every_attempt(run_tcpfwd):
         assert record["connect_ms"] >= 0
 
 
+@each_relay
 def test_ipv6_listener_and_backend(run_tcpfwd):
     with echo_server(b"six\n", host="::1") as live:
         proxy = run_tcpfwd("[::1]:0", live.address)
@@ -163,6 +173,7 @@ def test_ipv6_listener_and_backend(run_tcpfwd):
         assert exchange(proxy.address(), b"x") == b"six\nx"
 
 
+@each_relay
 def test_backend_greeting_reaches_a_client_that_sends_nothing(run_tcpfwd):
     with echo_server(b"220 ready\r\n") as live:
         proxy = run_tcpfwd("127.0.0.1:0", live.address)

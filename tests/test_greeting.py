@@ -98,7 +98,8 @@ def test_greeting_timeout_is_its_own_setting(run_tcpfwd, tmp_path):
         (record,) = proxy.access_records(1)
         (attempt,) = failed_attempts(record)
         assert attempt.split("/")[-2] == "greeting_timeout"
-        assert 200 <= float(attempt.split("/")[-1].rstrip("ms")) < 1000
+        # The event loop's timers tick in whole milliseconds; the attempt is measured finer.
+        assert 198 <= float(attempt.split("/")[-1].rstrip("ms")) < 1000
 
 
 def test_a_failed_greeting_marks_the_backend_down(run_tcpfwd):

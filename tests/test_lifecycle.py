@@ -16,7 +16,11 @@ import pytest
 
 from support import connect, echo_server, exchange, recv_all, recv_exactly
 
+# Tests with live sessions: drain, grace and descriptor accounting differ by relay.
+each_relay = pytest.mark.usefixtures("relay_mode")
 
+
+@each_relay
 def test_sigterm_lets_live_sessions_finish_then_exits_zero(run_tcpfwd):
     with echo_server() as backend:
         proxy = run_tcpfwd("127.0.0.1:0", backend.address, "--grace-period", "10s")
@@ -40,6 +44,7 @@ def test_sigterm_lets_live_sessions_finish_then_exits_zero(run_tcpfwd):
         assert record["end"] == "client_closed"
 
 
+@each_relay
 def test_sessions_left_after_the_grace_period_are_closed(run_tcpfwd):
     with echo_server() as backend:
         proxy = run_tcpfwd("127.0.0.1:0", backend.address, "--grace-period", "500ms")
@@ -57,6 +62,7 @@ def test_sessions_left_after_the_grace_period_are_closed(run_tcpfwd):
         assert record["end"] == "shutdown"
 
 
+@each_relay
 def test_second_sigint_ends_live_sessions_at_once(run_tcpfwd):
     with echo_server() as backend:
         proxy = run_tcpfwd("127.0.0.1:0", backend.address, "--grace-period", "60s")
@@ -90,6 +96,7 @@ def test_permission_denied_on_a_privileged_port_exits_one(run_tcpfwd):
     assert proxy.events[-1] == "tcpfwd: cannot listen on 127.0.0.1:1: Permission denied"
 
 
+@each_relay
 def test_at_the_descriptor_limit_clients_wait_in_the_queue_and_are_served_later(run_tcpfwd):
     with echo_server() as backend:
         proxy = run_tcpfwd(

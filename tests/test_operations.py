@@ -45,6 +45,14 @@ backends = ["{backend}"]
 """
 
 
+def wait_until_count(proxy: Tcpfwd, endings: tuple[str, ...], count: int) -> None:
+    """Wait until ``count`` daemon events contain one of ``endings`` (reload outcomes)."""
+    deadline = time.monotonic() + 15
+    while sum(1 for e in proxy.events if any(end in e for end in endings)) < count:
+        assert time.monotonic() < deadline, "\n".join(proxy.events[-10:])
+        time.sleep(0.02)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -180,24 +188,44 @@ def test_accept_rate_spreads_a_burst_over_time_without_refusing_it(run_tcpfwd, t
 # --- reload -----------------------------------------------------------------------------
 
 
-def run_client_loop(
-    address: tuple[str, int], count: int, expected: Callable[[bytes], bool]
-) -> tuple[threading.Thread, list[str]]:
-    failures: list[str] = []
+class ClientLoop:
+    """Connections one after another, checking each answer, in a thread.
 
-    def loop() -> None:
-        for i in range(count):
+    It makes at least ``minimum`` connections and then goes on until ``stop`` is set,
+    so the load spans whatever the test does meanwhile; ``maximum`` bounds it anyway.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        expected: Callable[[bytes], bool],
+        *,
+        minimum: int,
+        maximum: int,
+        stop: threading.Event,
+    ) -> None:
+        self.failures: list[str] = []
+        self.count = 0
+        self._args = (address, expected, minimum, maximum, stop)
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        address, expected, minimum, maximum, stop = self._args
+        while self.count < maximum and (self.count < minimum or not stop.is_set()):
+            i = self.count
+            self.count += 1
             try:
                 answer = exchange(address, b"ping %d" % i, timeout=10)
             except OSError as error:
-                failures.append(f"{i}: {error!r}")
+                self.failures.append(f"{i}: {error!r}")
                 continue
             if not expected(answer):
-                failures.append(f"{i}: unexpected {answer!r}")
+                self.failures.append(f"{i}: unexpected {answer!r}")
 
-    thread = threading.Thread(target=loop)
-    thread.start()
-    return thread, failures
+    def join(self) -> None:
+        self.thread.join(120)
+        assert not self.thread.is_alive()
 
 
 def test_reload_under_load_loses_no_connection_and_rejects_a_broken_config(run_tcpfwd, tmp_path):
@@ -207,8 +235,15 @@ def test_reload_under_load_loses_no_connection_and_rejects_a_broken_config(run_t
         config = write_config(tmp_path / "t.toml", service_config(backend_a.address, listen=listen))
         proxy = run_tcpfwd("run", "--config", str(config))
         address = proxy.address("main")
+        done = threading.Event()
         loops = [
-            run_client_loop(address, 500, lambda answer: answer[2:].startswith(b"ping"))
+            ClientLoop(
+                address,
+                lambda answer: answer[2:].startswith(b"ping"),
+                minimum=500,
+                maximum=5000,
+                stop=done,
+            )
             for _ in range(4)
         ]
         versions = [
@@ -218,19 +253,24 @@ def test_reload_under_load_loses_no_connection_and_rejects_a_broken_config(run_t
             service_config(backend_a.address, listen=listen),
             service_config(backend_b.address, listen=listen),
         ]
-        for text in versions:
+        for applied, text in enumerate(versions, start=1):
             time.sleep(0.3)
             write_config(config, text)
             proxy.signal(signal.SIGHUP)
-        for thread, _failures in loops:
-            thread.join(60)
-        failures = [f for _thread, each in loops for f in each]
-        assert failures == []
-        assert len(proxy.wait_for_access(2000, timeout=30)) >= 2000
+            # One at a time: signals sent faster than they are handled would merge.
+            wait_until_count(proxy, ("reloaded", "the running configuration is kept"), applied)
+        done.set()
+        for loop in loops:
+            loop.join()
+        total = sum(loop.count for loop in loops)
+        assert [f for loop in loops for f in loop.failures] == []
+        assert total >= 2000
+        assert len(proxy.wait_for_access(total, timeout=30)) >= total
         assert sum(1 for e in proxy.events if e.endswith("the running configuration is kept")) == 2
         assert any("connect_timeout: 'soon' is not a duration" in e for e in proxy.events)
         # The last good configuration (backend B) is the one in force.
-        assert exchange(address, b"last") == b"B\nlast"
+        answer = exchange(address, b"last")
+        assert answer == b"B\nlast", "\n".join(proxy.events[-3:] + proxy.access[-3:])
         assert backend_a.accepted > 0
         assert backend_b.accepted > 0
 
@@ -325,20 +365,29 @@ def test_restart_with_an_inherited_socket_refuses_no_connection(run_tcpfwd, tmp_
             tmp_path / "t.toml", service_config(backend.address, listen=f"127.0.0.1:{port}")
         )
         old = run_tcpfwd("run", "--config", str(config), **socket_activation(listening))
+        done = threading.Event()
         loops = [
-            run_client_loop(("127.0.0.1", port), 400, lambda answer: answer.startswith(b"hi\n"))
+            ClientLoop(
+                ("127.0.0.1", port),
+                lambda answer: answer.startswith(b"hi\n"),
+                minimum=300,
+                maximum=10000,
+                stop=done,
+            )
             for _ in range(3)
         ]
-        time.sleep(0.5)
+        old.wait_for_access(100)
         # The restart: the old process stops accepting and drains; the new one starts.
         old.signal(signal.SIGTERM)
         new = run_tcpfwd("run", "--config", str(config), **socket_activation(listening))
         assert old.wait(15) == 0
-        for thread, _failures in loops:
-            thread.join(60)
-        assert [f for _thread, each in loops for f in each] == []
-        assert len(old.access) > 0
-        assert len(new.wait_for_access(1200 - len(old.access), timeout=30)) > 0
+        new.wait_for_access(100, timeout=30)
+        done.set()
+        for loop in loops:
+            loop.join()
+        assert [f for loop in loops for f in loop.failures] == []
+        total = sum(loop.count for loop in loops)
+        assert len(old.access) + len(new.wait_for_access(total - len(old.access))) == total
 
 
 class NotifyRecorder:

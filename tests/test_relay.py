@@ -1,4 +1,7 @@
-"""Bytes both ways, unchanged, with flow control and half-close, through a real tcpfwd."""
+"""Bytes both ways, unchanged, with flow control and half-close, through a real tcpfwd.
+
+Every test here runs once per relay (copy and splice): both keep the same contract.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from support import ThreadedServer, connect, echo_server, recv_all, recv_exactly
+import pytest
+
+from support import ThreadedServer, blackhole, connect, echo_server, recv_all, recv_exactly
+
+pytestmark = pytest.mark.usefixtures("relay_mode")
 
 RST_ON_CLOSE = struct.pack("ii", 1, 0)
 
@@ -90,6 +97,34 @@ def test_client_reset_closes_the_backend_promptly(run_tcpfwd):
         assert record["end"] == "client_reset"
 
 
+def test_early_data_goes_first_even_to_a_backend_slow_to_read(run_tcpfwd):
+    early = os.urandom(240_000)
+    late = os.urandom(2_000_000)
+
+    def slow_echo(conn: socket.socket) -> None:
+        time.sleep(0.3)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+
+    with blackhole() as hole, ThreadedServer(slow_echo) as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", hole, backend.address, "--connect-timeout", "300ms")
+        with connect(proxy.address(), timeout=30) as client:
+            client.sendall(early)  # while the bouncer still waits on the blackhole
+
+            def send_the_rest() -> None:
+                client.sendall(late)
+                client.shutdown(socket.SHUT_WR)
+
+            sender = threading.Thread(target=send_the_rest)
+            sender.start()
+            echoed = recv_all(client)
+            sender.join()
+        assert echoed == early + late
+        (record,) = proxy.access_records(1)
+        assert record["from_client"] == str(len(early) + len(late))
+
+
 def test_random_data_over_many_parallel_sessions_arrives_intact(run_tcpfwd):
     with echo_server() as backend:
         proxy = run_tcpfwd("127.0.0.1:0", backend.address)
@@ -113,9 +148,13 @@ def test_random_data_over_many_parallel_sessions_arrives_intact(run_tcpfwd):
         assert all(r["end"] == "client_closed" for r in records)
 
 
-def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded(run_tcpfwd):
+def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded_and_idle(run_tcpfwd):
+    # Flow control has two failure modes: reading on regardless grows memory (the copy
+    # relay buffers it), or waking up for a source it cannot drain burns CPU (the splice
+    # relay's pipe is bounded by the kernel, so it would spin instead). Check both.
     total = 1 << 30
     block = os.urandom(1 << 20)
+    stall = 0.25
 
     def firehose(conn: socket.socket) -> None:
         for _ in range(total // len(block)):
@@ -126,6 +165,8 @@ def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded(run_tcpfwd):
         proxy = run_tcpfwd("127.0.0.1:0", backend.address)
         baseline = proxy.rss_bytes()
         peak = baseline
+        stalls = 0
+        stalled_cpu = 0.0
         digest = hashlib.sha256()
         received = 0
         with connect(proxy.address(), timeout=60) as client:
@@ -134,7 +175,10 @@ def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded(run_tcpfwd):
             while True:
                 if received >= next_stall:
                     # Stop reading for a while: the backend keeps pushing at full speed.
-                    time.sleep(0.25)
+                    cpu_before = proxy.cpu_seconds()
+                    time.sleep(stall)
+                    stalled_cpu += proxy.cpu_seconds() - cpu_before
+                    stalls += 1
                     peak = max(peak, proxy.rss_bytes())
                     next_stall += 128 << 20
                 data = client.recv(1 << 20)
@@ -148,6 +192,10 @@ def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded(run_tcpfwd):
             expected.update(block)
         assert digest.digest() == expected.digest()
         assert peak - baseline < 48 * 1024 * 1024, f"RSS grew by {(peak - baseline) >> 20} MiB"
+        # Filling the buffers at the start of a stall takes milliseconds; then nothing.
+        assert stalled_cpu < 0.3 * stalls * stall, (
+            f"{stalled_cpu:.2f}s of CPU while the reader stalled for {stalls * stall:.2f}s"
+        )
 
 
 def test_idle_session_is_closed_after_idle_timeout(run_tcpfwd):

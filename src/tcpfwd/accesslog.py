@@ -43,6 +43,8 @@ class SessionRecord:
     attempts_omitted: int = 0
     from_client: int = 0
     from_backend: int = 0
+    # Which relay moved the bytes ("splice" or "copy"); None when no backend was reached.
+    relay: str | None = None
     duration: float = 0.0
     end: str = ""
     # The peer that connected, when a trusted PROXY header named another client.
@@ -84,6 +86,7 @@ def format_text(record: SessionRecord) -> str:
         f"held={f'{record.held:.3f}s' if record.held is not None else '-'}",
         f"from_client={record.from_client}",
         f"from_backend={record.from_backend}",
+        f"relay={record.relay or '-'}",
         f"duration={record.duration:.3f}s",
         f"end={record.end}",
     ]
@@ -115,6 +118,7 @@ def format_json(record: SessionRecord) -> str:
         "held_s": None if record.held is None else round(record.held, 6),
         "from_client": record.from_client,
         "from_backend": record.from_backend,
+        "relay": record.relay,
         "duration_s": round(record.duration, 6),
         "end": record.end,
     }

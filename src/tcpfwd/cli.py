@@ -18,6 +18,7 @@ from .config import (
     CHECK_KINDS,
     GREETING_PRESETS,
     POLICIES,
+    RELAY_MODES,
     Config,
     ConfigError,
     load_config,
@@ -107,6 +108,11 @@ def _quick_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dns-ttl", metavar="DURATION", help="reuse resolved names (default 30s)")
     parser.add_argument("--no-keepalive", action="store_true", help="no TCP keepalive")
     parser.add_argument("--no-nodelay", action="store_true", help="leave Nagle's algorithm on")
+    parser.add_argument(
+        "--relay",
+        choices=RELAY_MODES,
+        help="splice (Linux, zero-copy), copy, or auto: splice where available (default)",
+    )
     parser.add_argument(
         "--grace-period", metavar="DURATION", help="drain time on stop (default 30s)"
     )
@@ -205,6 +211,8 @@ def _control(command: str, args_list: list[str]) -> int:
 
 def _quick_config(args: argparse.Namespace) -> Config:
     settings: dict[str, object] = {}
+    if args.relay is not None:
+        settings["relay"] = args.relay
     for option in (
         "connect_timeout",
         "failover_timeout",

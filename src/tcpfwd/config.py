@@ -34,6 +34,9 @@ SYSLOG_FACILITIES = (
     "local6",
     "local7",
 )
+# How bytes are moved: "splice" (Linux, zero-copy through a pipe), "copy" (portable), or
+# "auto": splice where the system has it, else copy.
+RELAY_MODES = ("auto", "splice", "copy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +426,7 @@ class ServiceSettings:
     nodelay: bool = True
     # Per direction: how much may wait in user space before the other side is paused.
     buffer_size: int = 256 * 1024
+    relay: str = "auto"
     source_address: str | None = None
     backlog: int = 511
     # Access control on the client's address: deny wins; a non-empty allow list admits
@@ -500,6 +504,7 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "keepalive_count": _int_between(1, 127),
     "nodelay": _boolean,
     "buffer_size": _size,
+    "relay": _choice(RELAY_MODES),
     "source_address": _ip_address,
     "backlog": _int_between(1, 65535),
     "allow": _networks,

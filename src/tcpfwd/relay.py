@@ -11,13 +11,17 @@ bounded by the buffer limits whatever the speed of either peer.
 Half-close: an EOF read on one side becomes ``write_eof`` on the other; the session ends
 when both directions have seen their EOF, or at once when either socket fails (a reset
 is passed on as an abort so the other peer learns promptly).
+
+This is the portable relay. ``splice.py`` has the Linux zero-copy one; both derive from
+:class:`BaseRelay`, which is all the session knows of a relay.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from collections.abc import Callable
-from typing import Final, cast
+from typing import ClassVar, Final, cast
 
 # Why a relay ended, first cause wins; these words appear in the access log.
 END_CLIENT_CLOSED: Final = "client_closed"
@@ -126,8 +130,13 @@ class Endpoint(asyncio.Protocol):
             self.transport.abort()
 
 
-class Relay:
-    """Two linked endpoints and the outcome of the session's data phase."""
+class BaseRelay(abc.ABC):
+    """What every relay shares: the outcome, the byte counters and the idle timer.
+
+    The session sees only this: ``start()``, the ``done`` future (the end word), ``end``,
+    ``shutdown(reason)`` and the byte counters. Counters live in the two endpoints
+    (``Endpoint.received``) so they cover the bytes held before the relay started.
+    """
 
     __slots__ = (
         "_idle_handle",
@@ -140,6 +149,9 @@ class Relay:
         "done",
         "end",
     )
+
+    # Which relay moved the bytes, as the access log names it.
+    kind: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -166,6 +178,66 @@ class Relay:
     def bytes_from_backend(self) -> int:
         return self.backend.received
 
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Begin relaying; what the endpoints held goes first."""
+
+    @abc.abstractmethod
+    def shutdown(self, reason: str = END_SHUTDOWN) -> None:
+        """Close both sides at once (grace period over, idle timeout)."""
+
+    def _closed_by(self, side: Endpoint) -> None:
+        """An orderly EOF from ``side``: the first cause of the end, unless one is known."""
+        if self.end is None:
+            self.end = END_CLIENT_CLOSED if side is self.client else END_BACKEND_CLOSED
+
+    def _reset_by(self, side: Endpoint) -> None:
+        # A reset after a half-close is still a reset: it is what ended the session.
+        if self.end is None or self.end in (END_CLIENT_CLOSED, END_BACKEND_CLOSED):
+            self.end = END_CLIENT_RESET if side is self.client else END_BACKEND_RESET
+
+    def _shut_down_for(self, reason: str) -> None:
+        if self.end is None or self.end in (END_CLIENT_CLOSED, END_BACKEND_CLOSED):
+            self.end = reason
+
+    def _finish(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        if not self.done.done():
+            self.done.set_result(self.end or END_CLIENT_CLOSED)
+
+    # Idle detection without touching the data path: a timer compares byte counters.
+    def _start_idle_timer(self) -> None:
+        if self._idle_timeout is not None and self.end is None:
+            self._idle_since = self._loop.time()
+            self._idle_seen = self.client.received + self.backend.received
+            self._arm_idle(self._idle_timeout / 4)
+
+    def _arm_idle(self, delay: float) -> None:
+        self._idle_handle = self._loop.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        assert self._idle_timeout is not None
+        now = self._loop.time()
+        seen = self.client.received + self.backend.received
+        if seen != self._idle_seen:
+            self._idle_seen = seen
+            self._idle_since = now
+        elif now - self._idle_since >= self._idle_timeout:
+            self.shutdown(END_IDLE_TIMEOUT)
+            return
+        # Quarter steps: the timeout fires at most a quarter of itself late.
+        self._arm_idle(self._idle_timeout / 4)
+
+
+class Relay(BaseRelay):
+    """The portable relay: two linked endpoints, each writing what it reads to the other."""
+
+    __slots__ = ()
+
+    kind = "copy"
+
     def start(self) -> None:
         """Link the endpoints: flush what each held, then pass on what already happened."""
         client, backend = self.client, self.backend
@@ -189,16 +261,12 @@ class Relay:
             assert side.peer is not None and side.transport is not None
             if not side.peer.write_paused and not side.eof:
                 side.transport.resume_reading()
-        if self._idle_timeout is not None and self.end is None:
-            self._idle_since = self._loop.time()
-            self._idle_seen = client.received + backend.received
-            self._arm_idle(self._idle_timeout / 4)
+        self._start_idle_timer()
 
     def eof_from(self, side: Endpoint) -> None:
         peer = side.peer
         assert peer is not None and peer.transport is not None
-        if self.end is None:
-            self.end = END_CLIENT_CLOSED if side is self.client else END_BACKEND_CLOSED
+        self._closed_by(side)
         if not peer.transport.is_closing():
             if peer.transport.can_write_eof():
                 peer.transport.write_eof()
@@ -212,12 +280,10 @@ class Relay:
         peer = side.peer
         assert peer is not None
         if exc is not None:
-            if self.end is None or (self.end in (END_CLIENT_CLOSED, END_BACKEND_CLOSED)):
-                # A reset after a half-close is still a reset: it is what ended the session.
-                self.end = END_CLIENT_RESET if side is self.client else END_BACKEND_RESET
+            self._reset_by(side)
             peer.abort()
         elif self.end is None:
-            self.end = END_CLIENT_CLOSED if side is self.client else END_BACKEND_CLOSED
+            self._closed_by(side)
             if peer.transport is not None:
                 peer.transport.close()
         elif not peer.lost and peer.transport is not None:
@@ -227,8 +293,7 @@ class Relay:
 
     def shutdown(self, reason: str = END_SHUTDOWN) -> None:
         """Close both sides at once (grace period over, idle timeout)."""
-        if self.end is None or self.end in (END_CLIENT_CLOSED, END_BACKEND_CLOSED):
-            self.end = reason
+        self._shut_down_for(reason)
         self.client.abort()
         self.backend.abort()
 
@@ -236,27 +301,3 @@ class Relay:
         for side in (self.client, self.backend):
             if side.transport is not None:
                 side.transport.close()
-
-    def _finish(self) -> None:
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
-        if not self.done.done():
-            self.done.set_result(self.end or END_CLIENT_CLOSED)
-
-    # Idle detection without touching the data path: a timer compares byte counters.
-    def _arm_idle(self, delay: float) -> None:
-        self._idle_handle = self._loop.call_later(delay, self._check_idle)
-
-    def _check_idle(self) -> None:
-        assert self._idle_timeout is not None
-        now = self._loop.time()
-        seen = self.client.received + self.backend.received
-        if seen != self._idle_seen:
-            self._idle_seen = seen
-            self._idle_since = now
-        elif now - self._idle_since >= self._idle_timeout:
-            self.shutdown(END_IDLE_TIMEOUT)
-            return
-        # Quarter steps: the timeout fires at most a quarter of itself late.
-        self._arm_idle(self._idle_timeout / 4)

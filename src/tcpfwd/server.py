@@ -47,6 +47,14 @@ from .session import (
     ServiceRuntime,
     Session,
 )
+from .splice import (
+    DESCRIPTORS_PER_SESSION,
+    PIPE_POOL_MAX,
+    RELAY_SPLICE,
+    PipePool,
+    choose_relay,
+    splice_available,
+)
 from .systemd import Notifier, inherited_sockets
 
 # Imported up front, not when the loop is made: after dropping privileges the
@@ -78,14 +86,8 @@ def listen_key(service: str, address: Address) -> ListenKey:
     return (service if address.port == 0 else "", address)
 
 
-def session_capacity() -> int:
-    """How many sessions the descriptor limit allows, after raising it as far as it goes.
-
-    Each session holds two descriptors. Past this many we stop accepting, so extra
-    clients wait in the kernel's queue rather than being accepted and then dropped for
-    want of a descriptor towards the backend. A reserve stays free for listeners,
-    logs, resolver and checks.
-    """
+def raise_descriptor_limit() -> int:
+    """Raise the soft descriptor limit as far as it goes; return it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
@@ -94,8 +96,28 @@ def session_capacity() -> int:
             soft = target
         except (ValueError, OSError):
             pass
-    reserve = 32 + soft // 20
-    return max(1, (soft - reserve) // 2)
+    return soft
+
+
+def _reserve(limit: int) -> int:
+    # Kept free for listeners, logs, resolver and checks.
+    return 32 + limit // 20
+
+
+def pipes_to_keep(limit: int) -> int:
+    """How many idle pipes the splice relay may keep: none when descriptors are scarce."""
+    return min(PIPE_POOL_MAX, limit // 256)
+
+
+def session_capacity(limit: int, per_session: int = 2, held: int = 0) -> int:
+    """How many sessions ``limit`` descriptors allow.
+
+    A session holds ``per_session`` descriptors (two sockets; the splice relay adds two
+    pipes); ``held`` are kept outside sessions (idle pipes). Past this many we stop
+    accepting, so extra clients wait in the kernel's queue rather than being accepted
+    and then dropped for want of a descriptor towards the backend.
+    """
+    return max(1, (limit - _reserve(limit) - held) // per_session)
 
 
 def configure_logging_for(config: Config) -> None:
@@ -150,7 +172,11 @@ class Server:
         self._reload_config = reload_config
         self.notifier = notifier or Notifier()
         self.access_log = AccessLog(config.log_format)
-        self.daemon = DaemonState(self.access_log)
+        self._fd_limit = raise_descriptor_limit()
+        # One pool for every service: a pipe is a pipe, whichever service ended with it.
+        keep = pipes_to_keep(self._fd_limit) if splice_available() else 0
+        self.pipes = PipePool(keep=keep)
+        self.daemon = DaemonState(self.access_log, self.pipes)
         # The one place backend health lives, keyed by (service, backend name): read by
         # the status page and metrics, and kept across reloads for unchanged backends.
         self.health: HealthTable[HealthKey] = HealthTable()
@@ -165,7 +191,7 @@ class Server:
         self.listeners: dict[ListenKey, list[Listener]] = {}
         self._listener_service: dict[Listener, ServiceRuntime] = {}
         self.sessions: set[Session] = set()
-        self.capacity = session_capacity()
+        self.capacity = self._capacity_for(config)
         self._at_capacity = False
         self._last_capacity_log = 0.0
         self._rejects: dict[tuple[str, str], _RejectLog] = {}
@@ -175,6 +201,11 @@ class Server:
         self._idle: asyncio.Event | None = None
         self._reloading = False
         self._serving = False
+
+    def _capacity_for(self, config: Config) -> int:
+        spliced = any(choose_relay(s.settings.relay) == RELAY_SPLICE for s in config.services)
+        per_session = DESCRIPTORS_PER_SESSION if spliced else 2
+        return session_capacity(self._fd_limit, per_session, held=2 * self.pipes.keep)
 
     # --- listening sockets -----------------------------------------------------------
 
@@ -254,6 +285,8 @@ class Server:
                 listener.set_rate(service_config.settings.accept_rate)
         self.services = services
         self.config = config
+        # A reload may switch relays, and a spliced session holds more descriptors.
+        self.capacity = self._capacity_for(config)
         configured = {(s.name, b.name) for s in config.services for b in s.backends}
         for key in [k for k in self.daemon.admin_states if k not in configured]:
             del self.daemon.admin_states[key]
@@ -535,6 +568,12 @@ class Server:
         loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         if not self.listeners:
             self.bind()
+        for service_config in self.config.services:
+            if service_config.settings.relay == RELAY_SPLICE and not splice_available():
+                log.warning(
+                    "service %s: relay = splice is not available here; using copy",
+                    service_config.name,
+                )
         self._start_listeners()
         log.info(
             "ready: %d listening sockets, %d services, up to %d sessions",
@@ -565,6 +604,7 @@ class Server:
             await self.admin.stop()
         await self.monitor.stop()
         await self.resolver.close()
+        self.pipes.close()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(signum)
         log.info("stopped")

@@ -46,8 +46,9 @@ from .proxy_accept import (
     receive_header,
 )
 from .proxy_send import SessionHeaders
-from .relay import END_CLIENT_CLOSED, END_SHUTDOWN, Endpoint, Relay
+from .relay import END_CLIENT_CLOSED, END_SHUTDOWN, BaseRelay, Endpoint, Relay
 from .resolver import Resolver
+from .splice import RELAY_SPLICE, PipePool, choose_relay, take_over
 
 END_NO_BACKEND: Final = "no_backend"
 END_CLIENT_ABORTED: Final = "client_aborted"
@@ -88,6 +89,8 @@ class DaemonState:
     """What every service shares with the daemon, across reloads."""
 
     access_log: AccessLog
+    # Idle pipes of the splice relay, shared by every service.
+    pipes: PipePool = field(default_factory=lambda: PipePool(keep=0))
     # Administrative state by (service, backend); absent means enabled.
     admin_states: dict[tuple[str, str], str] = field(default_factory=dict)
     recent_failovers: deque[dict[str, Any]] = field(
@@ -134,6 +137,7 @@ class ServiceRuntime:
         self._monitor = monitor
         self._health = monitor.register(config)
         self._backend_stats = [self.stats.backend(b.name) for b in config.backends]
+        self.relay = choose_relay(config.settings.relay)
 
     def admin_state(self, backend: str) -> str:
         return self.daemon.admin_states.get((self.name, backend), ADMIN_ENABLED)
@@ -174,6 +178,15 @@ class ServiceRuntime:
                 self.config.backends, self._health, self._backend_stats, strict=True
             )
         ]
+
+    def new_relay(self, client: Endpoint, backend: Endpoint) -> BaseRelay:
+        """The service's relay for two endpoints; copy where splice declines this session."""
+        idle_timeout = self.settings.idle_timeout
+        if self.relay == RELAY_SPLICE:
+            spliced = take_over(client, backend, self.daemon.pipes, idle_timeout=idle_timeout)
+            if spliced is not None:
+                return spliced
+        return Relay(client, backend, idle_timeout=idle_timeout)
 
     # --- AttemptGate: the dialer reports here ----------------------------------------
 
@@ -321,7 +334,7 @@ class Session:
         self._header_bytes = 0
         self._sock = sock
         self._client: Endpoint | None = None
-        self._relay: Relay | None = None
+        self._relay: BaseRelay | None = None
         self._connected: BackendConfig | None = None
         self._holding = False
         self._task: asyncio.Task[None] | None = None
@@ -406,7 +419,8 @@ class Session:
         record.backend = connected.backend.name
         record.backend_address = connected.address
         record.local_address = connected.local_address
-        relay = Relay(client, connected.endpoint, idle_timeout=settings.idle_timeout)
+        relay = self.service.new_relay(client, connected.endpoint)
+        record.relay = relay.kind
         self._relay = relay
         relay.start()
         return await asyncio.shield(relay.done)

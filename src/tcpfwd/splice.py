@@ -1,0 +1,387 @@
+"""The Linux zero-copy relay: splice(2) through one pipe per direction.
+
+Why: the copy relay brings every byte up into a Python object and writes it out again,
+with a loop callback per chunk. ``splice`` moves page references socket → pipe → socket
+inside the kernel, so the CPU per byte falls several times and one stream runs as fast
+as the sockets allow.
+
+Handoff: dialing and holding stay on asyncio transports, so there is one dialer and one
+way to hold a client's early bytes and a backend's greeting. When the relay starts it
+duplicates each transport's socket (``os.dup``), takes the bytes the endpoint held as the
+first bytes to send, and closes the transport: the kernel socket lives on in our
+descriptor, and the loop unregisters its own descriptor before closing it. From then on
+the loop only says when a descriptor is readable or writable (``add_reader`` /
+``add_writer``), and the relay moves the bytes itself.
+
+Flow control, per direction: splice source → pipe only while the pipe is empty, then
+pipe → destination; when the destination cannot take it all, watch the destination for
+writability and stop watching the source. Each direction watches one descriptor at a
+time, at most one pipe of data waits per direction, and a slow peer leaves us idle.
+Why only into an empty pipe: a pipe's capacity counts page slots, not bytes; a socket
+splice can fill every slot with fewer bytes than the pipe's size, and then a readable
+source in front of a full pipe would wake the loop forever.
+
+Half-close, resets, idle timeout, shutdown and the end words are the copy relay's
+(:class:`~tcpfwd.relay.BaseRelay`): an EOF becomes ``shutdown(SHUT_WR)`` on the other
+socket once the pipe has drained; an error on either socket resets the other one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+import sys
+from typing import Final
+
+from .relay import END_SHUTDOWN, BaseRelay, Endpoint
+
+log = logging.getLogger("tcpfwd")
+
+RELAY_SPLICE: Final = "splice"
+RELAY_COPY: Final = "copy"
+
+# Bytes per pipe: at most what one splice call moves, and what may wait in the kernel
+# per direction (as buffer_size does for the copy relay). Measured on loopback, 256 KiB
+# costs no more CPU per GB than 1 MiB, while 64 KiB costs half as much again; and an
+# unprivileged user's pipes share fs.pipe-user-pages-soft (64 MiB by default), so each
+# pipe should take no more than it needs.
+PIPE_SIZE: Final = 256 << 10
+# Past that quota the kernel makes new pipes 8 KiB: too small to beat copying, so a
+# session that would get one is copied instead.
+MIN_PIPE_SIZE: Final = 64 << 10
+# Sockets (2) and two pipes of two ends each: what one spliced session holds.
+DESCRIPTORS_PER_SESSION: Final = 6
+# Empty pipes kept for the next sessions, saving four syscalls per pipe per session.
+PIPE_POOL_MAX: Final = 16
+# Moves per wakeup before other sessions get a turn (each moves up to a pipe's worth).
+ROUNDS_PER_WAKEUP: Final = 8
+
+_SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
+
+_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+_IDLE, _READING, _WRITING = 0, 1, 2
+
+
+def splice_available() -> bool:
+    """Whether this system can splice sockets through pipes (Linux, Python 3.10+)."""
+    return sys.platform == "linux" and hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+
+
+def choose_relay(mode: str) -> str:
+    """The relay a service uses: ``auto`` becomes splice where available, else copy."""
+    if mode == RELAY_COPY or not splice_available():
+        return RELAY_COPY
+    return RELAY_SPLICE
+
+
+class Pipe:
+    """A non-blocking pipe and how many bytes we have put in it and not yet taken out."""
+
+    __slots__ = ("pending", "read_fd", "size", "write_fd")
+
+    def __init__(self, size: int = PIPE_SIZE) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.size = fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, size)
+        except OSError:
+            # Over pipe-max-size or the user's pipe quota: keep what the kernel gave.
+            self.size = fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ)
+        self.pending = 0
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+class PipeTooSmall(OSError):
+    """The kernel gave a pipe too small to be worth splicing through."""
+
+
+class PipePool:
+    """Pipes shared by all sessions; only empty pipes are kept, at most ``keep`` of them."""
+
+    __slots__ = ("_idle", "_warned", "keep", "min_size", "size")
+
+    def __init__(
+        self, keep: int = PIPE_POOL_MAX, size: int = PIPE_SIZE, min_size: int = MIN_PIPE_SIZE
+    ) -> None:
+        self.keep = keep
+        self.size = size
+        self.min_size = min_size
+        self._idle: list[Pipe] = []
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def acquire(self) -> Pipe:
+        """An empty pipe.
+
+        Raises OSError when no descriptor is left for a new one, and PipeTooSmall when
+        the user's pipe quota is spent (the kernel then hands out 8 KiB pipes).
+        """
+        if self._idle:
+            return self._idle.pop()
+        pipe = Pipe(self.size)
+        if pipe.size < self.min_size:
+            pipe.close()
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "pipes are down to %d bytes (fs.pipe-user-pages-soft reached?): "
+                    "sessions beyond it are copied, not spliced",
+                    pipe.size,
+                )
+            raise PipeTooSmall(errno.ENOBUFS, "pipe too small to splice through")
+        return pipe
+
+    def release(self, pipe: Pipe) -> None:
+        # A pipe with bytes left in it (a session cut short) would leak them into the
+        # next session: such a pipe is closed, never kept.
+        if pipe.pending == 0 and len(self._idle) < self.keep:
+            self._idle.append(pipe)
+        else:
+            pipe.close()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+
+class _Direction:
+    """One direction of a session: source socket → pipe → destination socket."""
+
+    __slots__ = (
+        "destination",
+        "dst",
+        "eof",
+        "finished",
+        "pipe",
+        "prefix",
+        "source",
+        "src",
+        "watching",
+    )
+
+    def __init__(
+        self, source: Endpoint, destination: Endpoint, src: int, dst: int, pipe: Pipe
+    ) -> None:
+        self.source = source
+        self.destination = destination
+        self.src = src
+        self.dst = dst
+        self.pipe = pipe
+        # What the source's endpoint held before the relay started: sent first, in order.
+        self.prefix = memoryview(b"")
+        self.eof = False
+        self.finished = False
+        self.watching = _IDLE
+
+
+class SpliceRelay(BaseRelay):
+    """The zero-copy relay; build it with :func:`take_over`, which may decline."""
+
+    __slots__ = ("_closed", "_directions", "_pool", "_sockets")
+
+    kind = RELAY_SPLICE
+
+    def __init__(
+        self,
+        client: Endpoint,
+        backend: Endpoint,
+        sockets: tuple[socket.socket, socket.socket],
+        pipes: tuple[Pipe, Pipe],
+        pool: PipePool,
+        *,
+        idle_timeout: float | None = None,
+    ) -> None:
+        super().__init__(client, backend, idle_timeout=idle_timeout)
+        self._sockets = sockets
+        self._pool = pool
+        self._closed = False
+        client_fd, backend_fd = sockets[0].fileno(), sockets[1].fileno()
+        self._directions = (
+            _Direction(client, backend, client_fd, backend_fd, pipes[0]),
+            _Direction(backend, client, backend_fd, client_fd, pipes[1]),
+        )
+
+    def start(self) -> None:
+        """Close the transports (our duplicates keep the sockets), then move the bytes."""
+        for direction in self._directions:
+            endpoint = direction.source
+            endpoint.on_change = None
+            direction.prefix = memoryview(bytes(endpoint.held))
+            endpoint.held.clear()
+            direction.eof = endpoint.eof
+            if endpoint.transport is not None:
+                endpoint.transport.close()
+        for direction in self._directions:
+            if direction.eof:
+                self._closed_by(direction.source)
+        for direction in self._directions:
+            if not self._closed:
+                self._pump(direction)
+        self._start_idle_timer()
+
+    def shutdown(self, reason: str = END_SHUTDOWN) -> None:
+        """Close both sides at once (grace period over, idle timeout)."""
+        self._shut_down_for(reason)
+        self._close()
+
+    def _pump(self, direction: _Direction) -> None:
+        """Move what can be moved now; then watch the one descriptor we wait for."""
+        if self._closed:
+            # A readiness callback already queued when the other direction ended it all.
+            return
+        pipe = direction.pipe
+        failing = direction.destination
+        try:
+            for _ in range(ROUNDS_PER_WAKEUP):
+                failing = direction.destination
+                if direction.prefix:
+                    sent = os.write(direction.dst, direction.prefix)
+                    direction.prefix = direction.prefix[sent:]
+                    if direction.prefix:
+                        self._watch(direction, _WRITING)
+                        return
+                if pipe.pending:
+                    pipe.pending -= os.splice(
+                        pipe.read_fd, direction.dst, pipe.pending, flags=_SPLICE_FLAGS
+                    )
+                    if pipe.pending:
+                        # The destination is full: wait until it drains, reading nothing.
+                        self._watch(direction, _WRITING)
+                        return
+                if direction.eof:
+                    self._end_direction(direction)
+                    return
+                failing = direction.source
+                moved = os.splice(direction.src, pipe.write_fd, pipe.size, flags=_SPLICE_FLAGS)
+                if moved == 0:
+                    direction.eof = True
+                    self._closed_by(direction.source)
+                    continue
+                direction.source.received += moved
+                pipe.pending = moved
+        except BlockingIOError:
+            pass
+        except OSError as error:
+            self._failed(failing, error)
+            return
+        self._watch(direction, _WRITING if direction.prefix or pipe.pending else _READING)
+
+    def _watch(self, direction: _Direction, want: int) -> None:
+        # Registrations change only when the state does: in a steady stream the source
+        # stays watched and no epoll_ctl is made per chunk.
+        if direction.watching == want:
+            return
+        loop = self._loop
+        if direction.watching == _READING:
+            loop.remove_reader(direction.src)
+        elif direction.watching == _WRITING:
+            loop.remove_writer(direction.dst)
+        if want == _READING:
+            loop.add_reader(direction.src, self._pump, direction)
+        elif want == _WRITING:
+            loop.add_writer(direction.dst, self._pump, direction)
+        direction.watching = want
+
+    def _end_direction(self, direction: _Direction) -> None:
+        """The source sent EOF and the pipe is empty: pass the half-close on."""
+        self._watch(direction, _IDLE)
+        direction.finished = True
+        destination = self._socket_of(direction.destination)
+        try:
+            destination.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            self._failed(direction.destination, error)
+            return
+        if all(each.finished for each in self._directions):
+            self._close()
+
+    def _failed(self, side: Endpoint, error: OSError) -> None:
+        """A socket failed: that side reset; pass the reset on to the other at once."""
+        log.debug("splice relay: %s failed: %s", side.role, error)
+        self._reset_by(side)
+        other = self._socket_of(self.backend if side is self.client else self.client)
+        with contextlib.suppress(OSError):
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        self._close()
+
+    def _socket_of(self, side: Endpoint) -> socket.socket:
+        return self._sockets[0] if side is self.client else self._sockets[1]
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for direction in self._directions:
+            self._watch(direction, _IDLE)
+            self._pool.release(direction.pipe)
+        for sock in self._sockets:
+            sock.close()
+        self._finish()
+
+
+def take_over(
+    client: Endpoint,
+    backend: Endpoint,
+    pool: PipePool,
+    *,
+    idle_timeout: float | None = None,
+) -> SpliceRelay | None:
+    """A splice relay for these endpoints, or None where the copy relay must serve.
+
+    Declines, leaving everything as it was, when an endpoint is already lost (the copy
+    relay reports that), when a transport still has bytes to write (they must go first,
+    and only the transport can send them), when no descriptor is left for the pipes and
+    duplicates (a session is worth more than its speed), or when the pipes would be too
+    small to be faster than copying.
+    """
+    endpoints = (client, backend)
+    fds: list[int] = []
+    for endpoint in endpoints:
+        transport = endpoint.transport
+        if endpoint.lost or transport is None or transport.get_write_buffer_size():
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        fds.append(sock.fileno())
+    pipes: list[Pipe] = []
+    sockets: list[socket.socket] = []
+    try:
+        for _ in endpoints:
+            pipes.append(pool.acquire())
+        for fd in fds:
+            duplicate = os.dup(fd)
+            try:
+                sockets.append(socket.socket(fileno=duplicate))
+            except OSError:
+                os.close(duplicate)
+                raise
+    except OSError as error:
+        # Out of descriptors or pipe quota: expected under load, and the copy relay
+        # serves the session. Anything else is worth a word.
+        if not isinstance(error, PipeTooSmall) and error.errno not in _SHORTAGE:
+            log.warning("splice relay unavailable for a session: %s", error)
+        for pipe in pipes:
+            pool.release(pipe)
+        for sock in sockets:
+            sock.close()
+        return None
+    return SpliceRelay(
+        client,
+        backend,
+        (sockets[0], sockets[1]),
+        (pipes[0], pipes[1]),
+        pool,
+        idle_timeout=idle_timeout,
+    )

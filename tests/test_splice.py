@@ -1,0 +1,227 @@
+"""What only the splice relay has: its selection, its pipes, and their reuse.
+
+The behaviour both relays share (half-close, resets, integrity, flow control, idle
+timeout) is tested once for each in test_relay.py and test_failover.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import SPLICE_AVAILABLE
+from support import ThreadedServer, connect, echo_server, exchange, recv_all, recv_exactly
+from tcpfwd.relay import Endpoint
+from tcpfwd.splice import PIPE_POOL_MAX, PipePool, PipeTooSmall, take_over
+
+pytestmark = pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no splice(2) here")
+
+RST_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_auto_relay_is_splice_on_linux_and_copy_can_be_forced(run_tcpfwd):
+    with echo_server() as backend:
+        auto = run_tcpfwd("127.0.0.1:0", backend.address)
+        forced = run_tcpfwd("127.0.0.1:0", backend.address, "--relay", "copy")
+        for proxy in (auto, forced):
+            assert exchange(proxy.address(), b"which?") == b"which?"
+        assert auto.access_records(1)[0]["relay"] == "splice"
+        assert forced.access_records(1)[0]["relay"] == "copy"
+
+
+def test_a_pipe_left_with_bytes_is_never_given_to_another_session(run_tcpfwd):
+    # The first session ends (idle timeout) while a pipe still holds backend bytes the
+    # client never read; the next session must see only its own bytes.
+    flooding = threading.Event()
+
+    def flood_or_echo(conn: socket.socket) -> None:
+        first = conn.recv(5)
+        if first == b"flood":
+            flooding.set()
+            with contextlib.suppress(OSError):
+                while True:
+                    conn.sendall(b"F" * 65536)
+            return
+        conn.sendall(first)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+
+    with ThreadedServer(flood_or_echo) as backend:
+        proxy = run_tcpfwd(
+            "127.0.0.1:0", backend.address, "--relay", "splice", "--idle-timeout", "300ms"
+        )
+        stuck = connect(proxy.address())
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"flood")
+        assert flooding.wait(5)
+        (first,) = proxy.access_records(1, timeout=10)
+        stuck.close()
+        assert first["end"] == "idle_timeout"
+        assert int(first["from_backend"]) > 0
+        for i in range(4):
+            payload = b"hello %d " % i * 1000
+            assert exchange(proxy.address(), payload) == payload
+        records = proxy.access_records(5)
+        assert [r["relay"] for r in records] == ["splice"] * 5
+
+
+def test_descriptors_return_to_a_bound_after_many_sessions(run_tcpfwd):
+    # Sessions end every way a spliced session can: both sides close, client reset,
+    # backend reset, idle timeout. Whatever the way, the session's sockets and pipes go:
+    # only the pool's few idle pipes may remain, and a second round reuses them.
+    def serve(conn: socket.socket) -> None:
+        command = conn.recv(5)
+        if command == b"reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST_ON_CLOSE)
+            return
+        if command == b"sleep":
+            time.sleep(1.0)
+            return
+        conn.sendall(command)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+
+    with ThreadedServer(serve) as backend:
+        proxy = run_tcpfwd(
+            "127.0.0.1:0", backend.address, "--relay", "splice", "--idle-timeout", "300ms"
+        )
+        address = proxy.address()
+        # The event loop opens some descriptors of its own on first use (io_uring).
+        assert exchange(address, b"warm up") == b"warm up"
+        proxy.access_records(1)
+        baseline = open_descriptors(proxy.pid)
+        # Only the pool's idle pipes, two descriptors each, may stay open.
+        bound = baseline + 2 * PIPE_POOL_MAX
+
+        def session(kind: int) -> None:
+            with connect(address, timeout=10) as client:
+                if kind == 0:
+                    client.sendall(b"echo!" + os.urandom(200_000))
+                    client.shutdown(socket.SHUT_WR)
+                    assert len(recv_all(client)) == 200_005
+                elif kind == 1:
+                    client.sendall(b"echo!")
+                    assert recv_exactly(client, 5) == b"echo!"
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST_ON_CLOSE)
+                elif kind == 2:
+                    client.sendall(b"reset")
+                    with contextlib.suppress(ConnectionResetError):
+                        recv_all(client)
+                else:
+                    client.sendall(b"sleep")
+                    with contextlib.suppress(ConnectionResetError):
+                        recv_all(client)
+
+        def round_of_sessions(count: int, logged: int) -> int:
+            with ThreadPoolExecutor(max_workers=20) as pool:
+                list(pool.map(session, [i % 4 for i in range(count)]))
+            proxy.access_records(logged, timeout=10)
+            # The loop closes a transport's own descriptor on its next turn: give it one.
+            deadline = time.monotonic() + 5
+            while open_descriptors(proxy.pid) > bound and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return open_descriptors(proxy.pid)
+
+        after_first = round_of_sessions(80, logged=81)
+        ends = {r["end"] for r in proxy.access_records(81)[1:]}
+        assert ends >= {"client_closed", "client_reset", "backend_reset", "idle_timeout"}
+        after_second = round_of_sessions(80, logged=161)
+        assert after_first <= bound
+        assert after_second <= after_first
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_pool_keeps_only_empty_pipes_and_no_more_than_it_may():
+    pool = PipePool(keep=2)
+    used, first, second, extra = (pool.acquire() for _ in range(4))
+    os.write(used.write_fd, b"left over")
+    used.pending = 9
+    for pipe in (used, first, second, extra):
+        pool.release(pipe)
+    assert not is_open(used.read_fd), "a pipe with bytes in it was kept"
+    assert not is_open(extra.read_fd), "more pipes were kept than allowed"
+    assert len(pool) == 2
+    assert {pool.acquire().read_fd, pool.acquire().read_fd} == {first.read_fd, second.read_fd}
+    pool.close()
+
+
+def test_pool_refuses_pipes_too_small_to_be_worth_splicing():
+    before = open_descriptors(os.getpid())
+    pool = PipePool(size=64 << 10, min_size=128 << 10)
+    with pytest.raises(PipeTooSmall):
+        pool.acquire()
+    assert open_descriptors(os.getpid()) == before
+
+
+async def test_held_bytes_that_take_several_writes_still_go_first():
+    # Through the daemon a prefix always fits one write (loopback's send buffers start
+    # at megabytes); here the backend socket's send buffer is made small so flushing
+    # what the client endpoint held needs many writes, with splicing waiting behind.
+    loop = asyncio.get_running_loop()
+    early, late = os.urandom(1 << 20), os.urandom(1 << 20)
+    with socket.socket() as front, socket.socket() as back:
+        for listener in (front, back):
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            listener.setblocking(False)
+        user = socket.create_connection(front.getsockname())
+        user.setblocking(False)
+        accepted, _ = await loop.sock_accept(front)
+        _, client = await loop.connect_accepted_socket(
+            lambda: Endpoint("client", 2 << 20), sock=accepted
+        )
+        _, backend = await loop.create_connection(
+            lambda: Endpoint("backend", 2 << 20), *back.getsockname()
+        )
+        server, _ = await loop.sock_accept(back)
+        assert backend.transport is not None
+        backend.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        all_held = asyncio.Event()
+
+        def check_held() -> None:
+            if len(client.held) >= len(early):
+                all_held.set()
+
+        client.on_change = check_held
+        await loop.sock_sendall(user, early)
+        async with asyncio.timeout(10):
+            await all_held.wait()
+        relay = take_over(client, backend, PipePool(keep=0))
+        assert relay is not None
+        relay.start()
+        await loop.sock_sendall(user, late)
+        user.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        async with asyncio.timeout(20):
+            while data := await loop.sock_recv(server, 1 << 16):
+                received += data
+            server.shutdown(socket.SHUT_WR)
+            end = await relay.done
+        user.close()
+        server.close()
+    assert received == early + late
+    assert end == "client_closed"
+    assert relay.bytes_from_client == len(early) + len(late)
