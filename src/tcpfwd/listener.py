@@ -79,6 +79,7 @@ class Listener:
         on_connection: Callable[[Listener, socket.socket, tuple[str, int]], None],
     ) -> None:
         self.sock = sock
+        self._family = sock.family
         self._on_connection = on_connection
         sockname = sock.getsockname()
         self.name = format_hostport(str(sockname[0]), int(sockname[1]))
@@ -148,7 +149,9 @@ class Listener:
             if self._held or self.closed or not self._may_accept():
                 return
             try:
-                conn, peer = self.sock.accept()
+                # socket.accept() would work out the new socket's type from the listener
+                # through enum conversions; the listener's family and SOCK_STREAM say it.
+                fd, peer = self.sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as error:
@@ -160,6 +163,7 @@ class Listener:
                 log.error("accept on %s failed: %s", self.name, error)
                 self._pause_for_shortage(error)
                 return
+            conn = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
             conn.setblocking(False)
             self._tokens -= 1.0
             try:
