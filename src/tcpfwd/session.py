@@ -138,14 +138,34 @@ class ServiceRuntime:
         self._health = monitor.register(config)
         self._backend_stats = [self.stats.backend(b.name) for b in config.backends]
         self.relay = choose_relay(config.settings.relay)
+        # Failover with nothing down, full, draining or disabled has one answer, the
+        # configured order: worked out once here rather than per connection. Services
+        # where a backend has max_connections never take the shortcut (fullness is live).
+        self._all_up_order: tuple[BackendConfig, ...] | None = None
+        if self.scheduler.policy is PolicyName.FAILOVER and all(
+            b.max_connections is None for b in config.backends
+        ):
+            everyone = [
+                Candidate(index=i, tier=b.tier, weight=b.weight, name=b.name)
+                for i, b in enumerate(config.backends)
+            ]
+            order = Scheduler(PolicyName.FAILOVER).order(everyone)
+            self._all_up_order = tuple(config.backends[i] for i in order)
 
     def admin_state(self, backend: str) -> str:
         return self.daemon.admin_states.get((self.name, backend), ADMIN_ENABLED)
 
     def plan(self, client: tuple[str, int]) -> list[BackendConfig]:
         """The order in which to try the backends for this client."""
-        backends = self.config.backends
         states = self.daemon.admin_states
+        shortcut = self._all_up_order
+        if (
+            shortcut is not None
+            and not states
+            and all(health is None or health.is_up for health in self._health)
+        ):
+            return list(shortcut)
+        backends = self.config.backends
         candidates = [
             Candidate(
                 index=i,
@@ -393,7 +413,7 @@ class Session:
             # Decided on the raw peer before reading a byte: its claims are never heard.
             self._sock.close()
             return self._reject(END_UNTRUSTED, "not in trusted_sources")
-        configure_socket(self._sock, settings)
+        configure_socket(self._sock, self.service.dialer.socket_options)
         transport, client = await loop.connect_accepted_socket(
             lambda: Endpoint("client", settings.buffer_size), sock=self._sock
         )
