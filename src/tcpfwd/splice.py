@@ -226,8 +226,16 @@ class SpliceRelay(BaseRelay):
             if direction.eof:
                 self._closed_by(direction.source)
         for direction in self._directions:
-            if not self._closed:
+            if self._closed:
+                break
+            if direction.prefix or direction.eof:
                 self._pump(direction)
+            else:
+                # Nothing to send yet: wait for the source rather than try it now. The
+                # watch is level-triggered, so bytes already waiting wake us at once, and
+                # a session whose source is still silent (most backends, at this point)
+                # is spared a splice that fails with EAGAIN and the exception it raises.
+                self._watch(direction, _READING)
         self._start_idle_timer()
 
     def shutdown(self, reason: str = END_SHUTDOWN) -> None:
