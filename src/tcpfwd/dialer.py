@@ -126,16 +126,34 @@ def socket_options(settings: ServiceSettings) -> SocketOptions:
 
 
 def configure_socket(sock: socket.socket | object, options: SocketOptions) -> None:
-    """Apply a service's TCP options (``socket_options``) to either side of a session."""
-    setsockopt = getattr(sock, "setsockopt", None)
-    if setsockopt is None:
+    """Apply a service's TCP options (``socket_options``) to either side of a session.
+
+    ``sock`` may be a transport's stand-in for its socket (uvloop's ``PseudoSocket``),
+    whose ``setsockopt`` costs several times a real socket's: its descriptor is wrapped
+    in a socket object of our own for the calls, and let go (not closed) after.
+    """
+    if not options:
         return
+    if isinstance(sock, socket.socket):
+        own = sock
+    else:
+        fileno = getattr(sock, "fileno", None)
+        if fileno is None:
+            return
+        try:
+            own = socket.socket(getattr(sock, "family", -1), socket.SOCK_STREAM, 0, fileno())
+        except (OSError, ValueError):
+            # Already closed (a descriptor of -1): nothing left to configure.
+            return
     try:
         for level, option, value in options:
-            setsockopt(level, option, value)
+            own.setsockopt(level, option, value)
     except OSError:
         # The peer may already be gone; the relay will find out and say so.
         pass
+    finally:
+        if own is not sock:
+            own.detach()
 
 
 class Dialer:
@@ -284,8 +302,7 @@ class Dialer:
                 attempts.append(Attempt(backend.name, address, refused, time.monotonic() - started))
                 return None, refused
         attempts.append(Attempt(backend.name, address, OUTCOME_OK, time.monotonic() - started))
-        if self.socket_options:
-            configure_socket(transport.get_extra_info("socket"), self.socket_options)
+        configure_socket(transport.get_extra_info("socket"), self.socket_options)
         sockname = transport.get_extra_info("sockname")
         local = format_hostport(str(sockname[0]), int(sockname[1])) if sockname else "?"
         return Connected(backend, endpoint, address, local), OUTCOME_OK
