@@ -233,15 +233,32 @@ class SpliceRelay(BaseRelay):
         for direction in self._directions:
             if self._closed:
                 break
-            if direction.prefix or direction.eof:
-                self._pump(direction)
-            else:
-                # Nothing to send yet: wait for the source rather than try it now. The
-                # watch is level-triggered, so bytes already waiting wake us at once, and
-                # a session whose source is still silent (most backends, at this point)
-                # is spared a splice that fails with EAGAIN and the exception it raises.
-                self._watch(direction, _READING)
+            self._begin(direction)
         self._start_idle_timer()
+
+    def _begin(self, direction: _Direction) -> None:
+        """Send what the source held, then wait for the source rather than try it now.
+
+        The watch is level-triggered, so bytes already waiting wake us at once; a source
+        with nothing yet (a backend that has just been sent the request, a client whose
+        request was held) is spared a splice that fails with EAGAIN and its exception.
+        """
+        if direction.eof:
+            self._pump(direction)
+            return
+        if direction.prefix:
+            try:
+                sent = os.write(direction.dst, direction.prefix)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                self._failed(direction.destination, error)
+                return
+            direction.prefix = direction.prefix[sent:]
+            if direction.prefix:
+                self._watch(direction, _WRITING)
+                return
+        self._watch(direction, _READING)
 
     def shutdown(self, reason: str = END_SHUTDOWN) -> None:
         """Close both sides at once (grace period over, idle timeout)."""
@@ -360,6 +377,7 @@ def take_over(
     """
     endpoints = (client, backend)
     fds: list[int] = []
+    families: list[int] = []
     for endpoint in endpoints:
         transport = endpoint.transport
         if endpoint.lost or transport is None or transport.get_write_buffer_size():
@@ -368,15 +386,17 @@ def take_over(
         if sock is None:
             return None
         fds.append(sock.fileno())
+        families.append(sock.family)
     pipes: list[Pipe] = []
     sockets: list[socket.socket] = []
     try:
         for _ in endpoints:
             pipes.append(pool.acquire())
-        for fd in fds:
+        for fd, family in zip(fds, families, strict=True):
             duplicate = os.dup(fd)
             try:
-                sockets.append(socket.socket(fileno=duplicate))
+                # Family, type and protocol given: not asked of the kernel again.
+                sockets.append(socket.socket(family, socket.SOCK_STREAM, 0, duplicate))
             except OSError:
                 os.close(duplicate)
                 raise
