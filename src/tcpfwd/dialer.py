@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .config import BackendConfig, ServiceSettings, format_hostport
 from .proxy_send import SessionHeaders
@@ -72,6 +72,36 @@ class Connected:
     endpoint: Endpoint
     address: str
     local_address: str
+
+
+class _Timer:
+    """``asyncio.timeout`` for one await, without its context manager's per-use cost.
+
+    Every connection dials once, and ``asyncio.timeout`` asks for the running loop and
+    the current task again, builds its state machine and reschedules; this holds just
+    the timer. As with ``asyncio.timeout``, the task is cancelled when time is up, and
+    ``stop`` says whether a cancellation the task then sees was ours (``expired``):
+    ours is taken back, so only an outside cancellation stays one.
+    """
+
+    __slots__ = ("_cancelling", "_handle", "_task", "expired", "fired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], delay: float):
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.fired = False
+        self.expired = False
+        self._handle = loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        self._task.cancel()
+
+    def stop(self) -> None:
+        self._handle.cancel()
+        if self.fired:
+            # Our cancellation, unless an outside one is also pending (that one wins).
+            self.expired = self._task.uncancel() <= self._cancelling
 
 
 class AttemptGate(Protocol):
@@ -273,15 +303,26 @@ class Dialer:
         if budget < MIN_ATTEMPT_TIME:
             attempts.append(Attempt(backend.name, address, OUTCOME_FAILOVER_TIMEOUT, 0.0))
             return None, OUTCOME_FAILOVER_TIMEOUT
+        task = asyncio.current_task(loop)
+        assert task is not None
+        timer = _Timer(loop, task, budget)
         try:
-            async with asyncio.timeout(budget):
+            try:
                 transport, endpoint = await loop.create_connection(
                     lambda: Endpoint("backend", settings.buffer_size),
                     ip,
                     port,
                     local_addr=self._local_addr,
                 )
-        except (OSError, TimeoutError) as error:
+            finally:
+                timer.stop()
+        except asyncio.CancelledError:
+            if not timer.expired:
+                raise
+            outcome = OUTCOME_FAILOVER_TIMEOUT if cut else OUTCOME_TIMEOUT
+            attempts.append(Attempt(backend.name, address, outcome, time.monotonic() - started))
+            return None, outcome
+        except OSError as error:
             outcome = describe_failure(error)
             if cut and outcome == OUTCOME_TIMEOUT:
                 outcome = OUTCOME_FAILOVER_TIMEOUT
