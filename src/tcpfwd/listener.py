@@ -30,6 +30,21 @@ _FD_SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _PER_CONNECTION = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
 
 
+class AcceptedSocket(socket.socket):
+    """An accepted stream socket whose ``type`` is known without asking.
+
+    The event loop checks ``sock.type`` of every socket handed to it, and the base
+    class answers through an enum conversion each time; an accepted socket of a
+    listening stream socket is a stream socket, so the answer is a constant here.
+    """
+
+    __slots__ = ()
+
+    @property
+    def type(self) -> socket.SocketKind:
+        return socket.SocketKind.SOCK_STREAM
+
+
 class ListenError(Exception):
     """A listening socket could not be opened; the message is for the operator."""
 
@@ -163,7 +178,7 @@ class Listener:
                 log.error("accept on %s failed: %s", self.name, error)
                 self._pause_for_shortage(error)
                 return
-            conn = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
+            conn = AcceptedSocket(self._family, socket.SOCK_STREAM, 0, fd)
             conn.setblocking(False)
             self._tokens -= 1.0
             try:
