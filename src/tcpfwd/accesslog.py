@@ -11,13 +11,14 @@ stop, errors) go to stderr through ``tcpfwd``. Both are text, or JSON objects on
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import logging.handlers
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO, cast
 
 from .dialer import OUTCOME_OK, Attempt
 
@@ -51,9 +52,15 @@ class SessionRecord:
     via: str | None = None
 
 
+# gmtime + strftime cost more than the rest of a session line, and most lines share
+# their second with the one before: the whole-second part is formatted once per second.
+@functools.lru_cache(maxsize=8)
+def _second_prefix(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
 def format_timestamp(seconds: float) -> str:
-    moment = time.gmtime(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", moment) + f".{int(seconds % 1 * 1000):03d}Z"
+    return f"{_second_prefix(int(seconds))}.{int(seconds % 1 * 1000):03d}Z"
 
 
 def _ms(seconds: float) -> str:
@@ -67,30 +74,31 @@ def _attempt_target(attempt: Attempt) -> str:
 
 
 def format_text(record: SessionRecord) -> str:
-    failed = [a for a in record.attempts if a.outcome != OUTCOME_OK]
-    tried = ",".join(f"{_attempt_target(a)}/{a.outcome}/{_ms(a.elapsed)}" for a in failed)
-    if record.attempts_omitted:
-        tried += f",+{record.attempts_omitted}"
-    parts = [
-        format_timestamp(record.started),
-        f"session={record.session}",
-        f"client={record.client}",
-        f"via={record.via or '-'}",
-        f"listener={record.listener}",
-        f"service={record.service}",
-        f"backend={record.backend or '-'}",
-        f"backend_addr={record.backend_address or '-'}",
-        f"local={record.local_address or '-'}",
-        f"failed={tried or '-'}",
-        f"connect={_ms(record.connect_time) if record.connect_time is not None else '-'}",
-        f"held={f'{record.held:.3f}s' if record.held is not None else '-'}",
-        f"from_client={record.from_client}",
-        f"from_backend={record.from_backend}",
-        f"relay={record.relay or '-'}",
-        f"duration={record.duration:.3f}s",
-        f"end={record.end}",
-    ]
-    return " ".join(parts)
+    # One f-string: this runs for every session, and the parts-and-join form it replaces
+    # cost a list and seventeen strings more.
+    attempts = record.attempts
+    if len(attempts) == 1 and attempts[0].outcome == OUTCOME_OK and not record.attempts_omitted:
+        tried = "-"
+    else:
+        tried = ",".join(
+            f"{_attempt_target(a)}/{a.outcome}/{_ms(a.elapsed)}"
+            for a in attempts
+            if a.outcome != OUTCOME_OK
+        )
+        if record.attempts_omitted:
+            tried += f",+{record.attempts_omitted}"
+        tried = tried or "-"
+    connect = "-" if record.connect_time is None else f"{record.connect_time * 1000:.1f}ms"
+    held = "-" if record.held is None else f"{record.held:.3f}s"
+    return (
+        f"{format_timestamp(record.started)} session={record.session}"
+        f" client={record.client} via={record.via or '-'} listener={record.listener}"
+        f" service={record.service} backend={record.backend or '-'}"
+        f" backend_addr={record.backend_address or '-'} local={record.local_address or '-'}"
+        f" failed={tried} connect={connect} held={held}"
+        f" from_client={record.from_client} from_backend={record.from_backend}"
+        f" relay={record.relay or '-'} duration={record.duration:.3f}s end={record.end}"
+    )
 
 
 def format_json(record: SessionRecord) -> str:
@@ -134,8 +142,38 @@ class AccessLog:
         self._format = format_json if log_format == "json" else format_text
 
     def emit(self, record: SessionRecord) -> None:
-        if self._logger.isEnabledFor(logging.INFO):
-            self._logger.info(self._format(record))
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        line = self._format(record)
+        # The usual setup (one stream or file handler of ours, nothing else listening)
+        # gets the line written directly: the logging module's record, filters and
+        # formatter would produce exactly these bytes at several times the cost. Any
+        # other setup (syslog, a handler added by an embedding program or a test) takes
+        # the logging path.
+        handlers = logger.handlers
+        if len(handlers) == 1 and not logger.filters:
+            handler = handlers[0]
+            if (
+                handler.__class__ in _DIRECT_HANDLERS
+                and handler.formatter is _MESSAGE_ONLY
+                and not handler.filters
+                and handler.level <= logging.INFO
+            ):
+                direct = cast(logging.StreamHandler[TextIO], handler)
+                stream = direct.stream
+                if stream is not None:
+                    handler.acquire()
+                    try:
+                        stream.write(line + direct.terminator)
+                        stream.flush()
+                        return
+                    except Exception:
+                        # A failing stream: let the logging path report it its own way.
+                        pass
+                    finally:
+                        handler.release()
+        logger.info(line)
 
 
 class _JsonEventFormatter(logging.Formatter):
@@ -154,6 +192,10 @@ class _TextEventFormatter(logging.Formatter):
             f"{format_timestamp(record.created)} {record.levelname.lower()} {record.getMessage()}"
         )
 
+
+# The formatter of the access handler: the line as it is (see ``AccessLog.emit``).
+_MESSAGE_ONLY = logging.Formatter("%(message)s")
+_DIRECT_HANDLERS = (logging.StreamHandler, logging.FileHandler)
 
 _SYSLOG_FACILITIES = {
     "daemon": logging.handlers.SysLogHandler.LOG_DAEMON,
@@ -218,7 +260,7 @@ def configure_logging(
             old.close()
     _open_files.clear()
     access_handler = _handler(access_target, syslog_facility, syslog_address, "tcpfwd-access")
-    access_handler.setFormatter(logging.Formatter("%(message)s"))
+    access_handler.setFormatter(_MESSAGE_ONLY)
     access.addHandler(access_handler)
     access.propagate = False
     # The access logger is a child of the event logger: keep it from inheriting its level.

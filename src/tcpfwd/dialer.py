@@ -25,12 +25,12 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .config import BackendConfig, ServiceSettings, format_hostport
 from .proxy_send import SessionHeaders
 from .relay import Endpoint
-from .resolver import Resolver
+from .resolver import Addresses, Resolver, is_ip_literal
 
 OUTCOME_OK = "ok"
 OUTCOME_REFUSED = "refused"
@@ -74,6 +74,36 @@ class Connected:
     local_address: str
 
 
+class _Timer:
+    """``asyncio.timeout`` for one await, without its context manager's per-use cost.
+
+    Every connection dials once, and ``asyncio.timeout`` asks for the running loop and
+    the current task again, builds its state machine and reschedules; this holds just
+    the timer. As with ``asyncio.timeout``, the task is cancelled when time is up, and
+    ``stop`` says whether a cancellation the task then sees was ours (``expired``):
+    ours is taken back, so only an outside cancellation stays one.
+    """
+
+    __slots__ = ("_cancelling", "_handle", "_task", "expired", "fired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], delay: float):
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.fired = False
+        self.expired = False
+        self._handle = loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        self._task.cancel()
+
+    def stop(self) -> None:
+        self._handle.cancel()
+        if self.fired:
+            # Our cancellation, unless an outside one is also pending (that one wins).
+            self.expired = self._task.uncancel() <= self._cancelling
+
+
 class AttemptGate(Protocol):
     """What the dialer asks of its caller about each backend it tries."""
 
@@ -103,25 +133,57 @@ def describe_failure(error: BaseException) -> str:
     return type(error).__name__
 
 
-def configure_socket(sock: socket.socket | object, settings: ServiceSettings) -> None:
-    """Apply the service's TCP options to a connected socket (either side of a session)."""
-    setsockopt = getattr(sock, "setsockopt", None)
-    if setsockopt is None:
+SocketOptions = tuple[tuple[int, int, int], ...]
+
+
+def socket_options(settings: ServiceSettings) -> SocketOptions:
+    """The (level, option, value) triples ``configure_socket`` applies, worked out once.
+
+    TCP_NODELAY is not among them: uvloop and asyncio both set it on every TCP transport
+    they create, for accepted and connected sockets alike, so setting it here as well
+    cost two system calls per session and changed nothing.
+    """
+    options: list[tuple[int, int, int]] = []
+    if settings.keepalive:
+        options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            options += [
+                (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, int(settings.keepalive_idle)),
+                (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, int(settings.keepalive_interval)),
+                (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, settings.keepalive_count),
+            ]
+    return tuple(options)
+
+
+def configure_socket(sock: socket.socket | object, options: SocketOptions) -> None:
+    """Apply a service's TCP options (``socket_options``) to either side of a session.
+
+    ``sock`` may be a transport's stand-in for its socket (uvloop's ``PseudoSocket``),
+    whose ``setsockopt`` costs several times a real socket's: its descriptor is wrapped
+    in a socket object of our own for the calls, and let go (not closed) after.
+    """
+    if not options:
         return
+    if isinstance(sock, socket.socket):
+        own = sock
+    else:
+        fileno = getattr(sock, "fileno", None)
+        if fileno is None:
+            return
+        try:
+            own = socket.socket(getattr(sock, "family", -1), socket.SOCK_STREAM, 0, fileno())
+        except (OSError, ValueError):
+            # Already closed (a descriptor of -1): nothing left to configure.
+            return
     try:
-        if settings.nodelay:
-            setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if settings.keepalive:
-            setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            if hasattr(socket, "TCP_KEEPIDLE"):
-                setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, int(settings.keepalive_idle))
-                setsockopt(
-                    socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, int(settings.keepalive_interval)
-                )
-                setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, settings.keepalive_count)
+        for level, option, value in options:
+            own.setsockopt(level, option, value)
     except OSError:
         # The peer may already be gone; the relay will find out and say so.
         pass
+    finally:
+        if own is not sock:
+            own.detach()
 
 
 class Dialer:
@@ -131,6 +193,7 @@ class Dialer:
         self.settings = settings
         self._resolver = resolver
         self._local_addr = (settings.source_address, 0) if settings.source_address else None
+        self.socket_options = socket_options(settings)
         greeting = settings.greeting
         self._greeting = re.compile(greeting.expect.encode("utf-8")) if greeting else None
 
@@ -187,20 +250,25 @@ class Dialer:
     ) -> tuple[Connected | None, str]:
         """Every address of one backend in turn; the connection, or the last failure."""
         host, port = backend.address.host, backend.address.port
-        started = time.monotonic()
-        budget, cut = self._budget(self.settings.connect_timeout, started, deadline)
-        try:
-            async with asyncio.timeout(budget):
-                addresses = await self._resolver.resolve(host, port, self.settings.dns_ttl)
-        except (OSError, TimeoutError) as error:
-            if isinstance(error, TimeoutError):
-                outcome = OUTCOME_FAILOVER_TIMEOUT if cut else OUTCOME_DNS
-            else:
-                outcome = describe_failure(error)
-            attempts.append(
-                Attempt(backend.name, str(backend.address), outcome, time.monotonic() - started)
-            )
-            return None, outcome
+        addresses: Addresses
+        if is_ip_literal(host):
+            # Nothing to look up, so no timer to arm and no coroutine to run.
+            addresses = ((host, port),)
+        else:
+            started = time.monotonic()
+            budget, cut = self._budget(self.settings.connect_timeout, started, deadline)
+            try:
+                async with asyncio.timeout(budget):
+                    addresses = await self._resolver.resolve(host, port, self.settings.dns_ttl)
+            except (OSError, TimeoutError) as error:
+                if isinstance(error, TimeoutError):
+                    outcome = OUTCOME_FAILOVER_TIMEOUT if cut else OUTCOME_DNS
+                else:
+                    outcome = describe_failure(error)
+                attempts.append(
+                    Attempt(backend.name, str(backend.address), outcome, time.monotonic() - started)
+                )
+                return None, outcome
         reason = OUTCOME_FAILOVER_TIMEOUT
         for ip, ip_port in addresses:
             connected, reason = await self._connect_one(
@@ -235,15 +303,26 @@ class Dialer:
         if budget < MIN_ATTEMPT_TIME:
             attempts.append(Attempt(backend.name, address, OUTCOME_FAILOVER_TIMEOUT, 0.0))
             return None, OUTCOME_FAILOVER_TIMEOUT
+        task = asyncio.current_task(loop)
+        assert task is not None
+        timer = _Timer(loop, task, budget)
         try:
-            async with asyncio.timeout(budget):
+            try:
                 transport, endpoint = await loop.create_connection(
                     lambda: Endpoint("backend", settings.buffer_size),
                     ip,
                     port,
                     local_addr=self._local_addr,
                 )
-        except (OSError, TimeoutError) as error:
+            finally:
+                timer.stop()
+        except asyncio.CancelledError:
+            if not timer.expired:
+                raise
+            outcome = OUTCOME_FAILOVER_TIMEOUT if cut else OUTCOME_TIMEOUT
+            attempts.append(Attempt(backend.name, address, outcome, time.monotonic() - started))
+            return None, outcome
+        except OSError as error:
             outcome = describe_failure(error)
             if cut and outcome == OUTCOME_TIMEOUT:
                 outcome = OUTCOME_FAILOVER_TIMEOUT
@@ -264,7 +343,7 @@ class Dialer:
                 attempts.append(Attempt(backend.name, address, refused, time.monotonic() - started))
                 return None, refused
         attempts.append(Attempt(backend.name, address, OUTCOME_OK, time.monotonic() - started))
-        configure_socket(transport.get_extra_info("socket"), settings)
+        configure_socket(transport.get_extra_info("socket"), self.socket_options)
         sockname = transport.get_extra_info("sockname")
         local = format_hostport(str(sockname[0]), int(sockname[1])) if sockname else "?"
         return Connected(backend, endpoint, address, local), OUTCOME_OK

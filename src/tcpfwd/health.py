@@ -56,6 +56,10 @@ class Transition:
 
 
 def _observation_source(source: str) -> Source:
+    # Every proxied connection reports one passive observation, already a Source:
+    # spared the enum lookup (a call through EnumType.__call__).
+    if source is Source.PASSIVE or source is Source.CHECK:
+        return source
     try:
         parsed = Source(source)
     except ValueError:

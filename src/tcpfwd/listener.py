@@ -30,6 +30,21 @@ _FD_SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _PER_CONNECTION = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
 
 
+class AcceptedSocket(socket.socket):
+    """An accepted stream socket whose ``type`` is known without asking.
+
+    The event loop checks ``sock.type`` of every socket handed to it, and the base
+    class answers through an enum conversion each time; an accepted socket of a
+    listening stream socket is a stream socket, so the answer is a constant here.
+    """
+
+    __slots__ = ()
+
+    @property
+    def type(self) -> socket.SocketKind:
+        return socket.SocketKind.SOCK_STREAM
+
+
 class ListenError(Exception):
     """A listening socket could not be opened; the message is for the operator."""
 
@@ -79,6 +94,7 @@ class Listener:
         on_connection: Callable[[Listener, socket.socket, tuple[str, int]], None],
     ) -> None:
         self.sock = sock
+        self._family = sock.family
         self._on_connection = on_connection
         sockname = sock.getsockname()
         self.name = format_hostport(str(sockname[0]), int(sockname[1]))
@@ -148,7 +164,9 @@ class Listener:
             if self._held or self.closed or not self._may_accept():
                 return
             try:
-                conn, peer = self.sock.accept()
+                # socket.accept() would work out the new socket's type from the listener
+                # through enum conversions; the listener's family and SOCK_STREAM say it.
+                fd, peer = self.sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as error:
@@ -160,6 +178,7 @@ class Listener:
                 log.error("accept on %s failed: %s", self.name, error)
                 self._pause_for_shortage(error)
                 return
+            conn = AcceptedSocket(self._family, socket.SOCK_STREAM, 0, fd)
             conn.setblocking(False)
             self._tokens -= 1.0
             try:

@@ -138,14 +138,34 @@ class ServiceRuntime:
         self._health = monitor.register(config)
         self._backend_stats = [self.stats.backend(b.name) for b in config.backends]
         self.relay = choose_relay(config.settings.relay)
+        # Failover with nothing down, full, draining or disabled has one answer, the
+        # configured order: worked out once here rather than per connection. Services
+        # where a backend has max_connections never take the shortcut (fullness is live).
+        self._all_up_order: tuple[BackendConfig, ...] | None = None
+        if self.scheduler.policy is PolicyName.FAILOVER and all(
+            b.max_connections is None for b in config.backends
+        ):
+            everyone = [
+                Candidate(index=i, tier=b.tier, weight=b.weight, name=b.name)
+                for i, b in enumerate(config.backends)
+            ]
+            order = Scheduler(PolicyName.FAILOVER).order(everyone)
+            self._all_up_order = tuple(config.backends[i] for i in order)
 
     def admin_state(self, backend: str) -> str:
         return self.daemon.admin_states.get((self.name, backend), ADMIN_ENABLED)
 
     def plan(self, client: tuple[str, int]) -> list[BackendConfig]:
         """The order in which to try the backends for this client."""
-        backends = self.config.backends
         states = self.daemon.admin_states
+        shortcut = self._all_up_order
+        if (
+            shortcut is not None
+            and not states
+            and all(health is None or health.is_up for health in self._health)
+        ):
+            return list(shortcut)
+        backends = self.config.backends
         candidates = [
             Candidate(
                 index=i,
@@ -300,6 +320,7 @@ class ServiceRuntime:
 
 class Session:
     __slots__ = (
+        "_began",
         "_client",
         "_client_gone",
         "_connected",
@@ -348,6 +369,7 @@ class Session:
         )
 
     def start(self, on_done: Callable[[Session], None]) -> None:
+        self._began = time.monotonic()
         self.service.session_started(self.peer[0])
         self._on_done = on_done
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -360,20 +382,33 @@ class Session:
             self._task.cancel()
 
     async def _run(self) -> None:
-        began = time.monotonic()
         record = self.record
         try:
-            record.end = await self._serve()
+            end = await self._serve()
         except asyncio.CancelledError:
-            record.end = END_CLIENT_ABORTED if self._client_gone else END_SHUTDOWN
+            end = END_CLIENT_ABORTED if self._client_gone else END_SHUTDOWN
             self._close_all()
         except Exception:
             log.exception("session %s failed", record.session)
-            record.end = END_ERROR
+            end = END_ERROR
             self._close_all()
+        if end is None:
+            # The relay runs on its own, driven by loop callbacks: the session needs no
+            # task while it does, only to be told when it ends (no shield, no wake-up).
+            assert self._relay is not None
+            self._relay.done.add_done_callback(self._relay_done)
+            return
+        self._finish(end)
+
+    def _relay_done(self, done: asyncio.Future[str]) -> None:
+        self._finish(done.result())
+
+    def _finish(self, end: str) -> None:
+        record = self.record
+        record.end = end
         if self._connected is not None:
             self.service.release(self._connected)
-        record.duration = time.monotonic() - began
+        record.duration = time.monotonic() - self._began
         if self._client is not None:
             # What the client sent for the backend: its PROXY header is not relayed.
             record.from_client = self._client.received - self._header_bytes
@@ -385,7 +420,8 @@ class Session:
         self._on_done(self)
         self.service.access_log.emit(record)
 
-    async def _serve(self) -> str:
+    async def _serve(self) -> str | None:
+        """How the session ended, or None once a relay runs (it says so when it ends)."""
         loop = asyncio.get_running_loop()
         settings = self.service.settings
         accept_proxy = settings.accept_proxy != ACCEPT_PROXY_OFF
@@ -393,7 +429,7 @@ class Session:
             # Decided on the raw peer before reading a byte: its claims are never heard.
             self._sock.close()
             return self._reject(END_UNTRUSTED, "not in trusted_sources")
-        configure_socket(self._sock, settings)
+        configure_socket(self._sock, self.service.dialer.socket_options)
         transport, client = await loop.connect_accepted_socket(
             lambda: Endpoint("client", settings.buffer_size), sock=self._sock
         )
@@ -423,7 +459,7 @@ class Session:
         record.relay = relay.kind
         self._relay = relay
         relay.start()
-        return await asyncio.shield(relay.done)
+        return None
 
     async def _receive_proxy_header(self, client: Endpoint) -> str | None:
         """Read the client's PROXY header and adopt its addresses; the end word if refused."""

@@ -28,14 +28,18 @@ socket once the pipe has drained; an error on either socket resets the other one
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
+import select
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from typing import Final
 
 from .relay import END_SHUTDOWN, BaseRelay, Endpoint
@@ -56,8 +60,13 @@ PIPE_SIZE: Final = 256 << 10
 MIN_PIPE_SIZE: Final = 64 << 10
 # Sockets (2) and two pipes of two ends each: what one spliced session holds.
 DESCRIPTORS_PER_SESSION: Final = 6
-# Empty pipes kept for the next sessions, saving four syscalls per pipe per session.
-PIPE_POOL_MAX: Final = 16
+# Empty pipes kept for the next sessions, saving four syscalls per pipe per session
+# (and the kernel's setup and teardown of a 256 KiB pipe). Each spliced session takes
+# two, so this serves 32 concurrent sessions from the pool: with 16, a short-connection
+# load at 16 concurrent clients created and closed pipes for most sessions. An idle
+# empty pipe holds two descriptors and a page at most; it counts against the user's
+# pipe quota only as the pipes the busiest moment needed anyway.
+PIPE_POOL_MAX: Final = 64
 # Moves per wakeup before other sessions get a turn (each moves up to a pipe's worth).
 ROUNDS_PER_WAKEUP: Final = 8
 
@@ -100,6 +109,108 @@ class Pipe:
         os.close(self.write_fd)
 
 
+_READABLE: Final = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_WRITABLE: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
+class Poller:
+    """Readiness of the spliced sockets through one epoll of our own.
+
+    Why not the loop's ``add_reader``: uvloop gives every descriptor it is asked to
+    watch a poll handle of its own, and setting one up and tearing it down costs six
+    ``epoll_ctl`` and an ``ioctl`` per descriptor, for descriptors a short session
+    watches once. Here a descriptor costs one ``epoll_ctl`` to add and one to remove,
+    and the loop watches only this epoll's descriptor. Level-triggered, as the loop's
+    watches are. A descriptor must be ``forget``-ten before it is closed: the kernel
+    keeps a registration as long as the socket lives under any descriptor.
+    """
+
+    __slots__ = ("_epoll", "_masks", "_readers", "_writers", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._epoll = select.epoll()
+        self._readers: dict[int, Callable[[], None]] = {}
+        self._writers: dict[int, Callable[[], None]] = {}
+        # What each registered descriptor is registered for (never 0: a registration
+        # always reports hang-ups and errors, so a descriptor watched for nothing is
+        # removed rather than kept with an empty mask, which would wake us forever).
+        self._masks: dict[int, int] = {}
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def set_reader(self, fd: int, callback: Callable[[], None] | None) -> None:
+        if callback is None:
+            self._readers.pop(fd, None)
+        else:
+            self._readers[fd] = callback
+        self._update(fd)
+
+    def set_writer(self, fd: int, callback: Callable[[], None] | None) -> None:
+        if callback is None:
+            self._writers.pop(fd, None)
+        else:
+            self._writers[fd] = callback
+        self._update(fd)
+
+    def forget(self, fd: int) -> None:
+        """Stop watching ``fd`` at all (it is about to be closed)."""
+        self._readers.pop(fd, None)
+        self._writers.pop(fd, None)
+        self._update(fd)
+
+    def _update(self, fd: int) -> None:
+        mask = (select.EPOLLIN if fd in self._readers else 0) | (
+            select.EPOLLOUT if fd in self._writers else 0
+        )
+        old = self._masks.get(fd, 0)
+        if mask == old:
+            return
+        if not mask:
+            del self._masks[fd]
+            self._epoll.unregister(fd)
+            return
+        if old:
+            self._epoll.modify(fd, mask)
+        else:
+            self._epoll.register(fd, mask)
+        self._masks[fd] = mask
+
+    def _ready(self) -> None:
+        try:
+            events = self._epoll.poll(0)
+        except InterruptedError:
+            return
+        readers, writers = self._readers, self._writers
+        # Looked up one by one: a callback may stop watching, or close, a descriptor
+        # that comes later in this batch. Hang-ups and errors wake both sides.
+        for fd, mask in events:
+            if mask & _READABLE:
+                callback = readers.get(fd)
+                if callback is not None:
+                    self._call(callback)
+            if mask & _WRITABLE:
+                callback = writers.get(fd)
+                if callback is not None:
+                    self._call(callback)
+
+    def _call(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception as error:
+            # As the loop does for its own callbacks: report, and go on with the others.
+            self.loop.call_exception_handler(
+                {"message": "splice relay callback failed", "exception": error}
+            )
+
+    def close(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self._readers.clear()
+        self._writers.clear()
+        self._masks.clear()
+
+
 class PipeTooSmall(OSError):
     """The kernel gave a pipe too small to be worth splicing through."""
 
@@ -107,7 +218,7 @@ class PipeTooSmall(OSError):
 class PipePool:
     """Pipes shared by all sessions; only empty pipes are kept, at most ``keep`` of them."""
 
-    __slots__ = ("_idle", "_warned", "keep", "min_size", "size")
+    __slots__ = ("_idle", "_poller", "_warned", "keep", "min_size", "size")
 
     def __init__(
         self, keep: int = PIPE_POOL_MAX, size: int = PIPE_SIZE, min_size: int = MIN_PIPE_SIZE
@@ -117,6 +228,17 @@ class PipePool:
         self.min_size = min_size
         self._idle: list[Pipe] = []
         self._warned = False
+        self._poller: Poller | None = None
+
+    def poller(self) -> Poller:
+        """The readiness watcher of the sessions spliced with these pipes, on this loop."""
+        loop = asyncio.get_running_loop()
+        poller = self._poller
+        if poller is None or poller.loop is not loop:
+            if poller is not None:
+                poller.close()
+            poller = self._poller = Poller(loop)
+        return poller
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -153,6 +275,9 @@ class PipePool:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
 
 
 class _Direction:
@@ -167,6 +292,7 @@ class _Direction:
         "prefix",
         "source",
         "src",
+        "wake",
         "watching",
     )
 
@@ -183,12 +309,18 @@ class _Direction:
         self.eof = False
         self.finished = False
         self.watching = _IDLE
+        # What the poller calls when this direction can move (set by the relay).
+        self.wake: Callable[[], None] = _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 class SpliceRelay(BaseRelay):
     """The zero-copy relay; build it with :func:`take_over`, which may decline."""
 
-    __slots__ = ("_closed", "_directions", "_pool", "_sockets")
+    __slots__ = ("_closed", "_directions", "_poller", "_pool", "_sockets")
 
     kind = RELAY_SPLICE
 
@@ -211,6 +343,9 @@ class SpliceRelay(BaseRelay):
             _Direction(client, backend, client_fd, backend_fd, pipes[0]),
             _Direction(backend, client, backend_fd, client_fd, pipes[1]),
         )
+        self._poller = pool.poller()
+        for direction in self._directions:
+            direction.wake = functools.partial(self._pump, direction)
 
     def start(self) -> None:
         """Close the transports (our duplicates keep the sockets), then move the bytes."""
@@ -226,9 +361,34 @@ class SpliceRelay(BaseRelay):
             if direction.eof:
                 self._closed_by(direction.source)
         for direction in self._directions:
-            if not self._closed:
-                self._pump(direction)
+            if self._closed:
+                break
+            self._begin(direction)
         self._start_idle_timer()
+
+    def _begin(self, direction: _Direction) -> None:
+        """Send what the source held, then wait for the source rather than try it now.
+
+        The watch is level-triggered, so bytes already waiting wake us at once; a source
+        with nothing yet (a backend that has just been sent the request, a client whose
+        request was held) is spared a splice that fails with EAGAIN and its exception.
+        """
+        if direction.eof:
+            self._pump(direction)
+            return
+        if direction.prefix:
+            try:
+                sent = os.write(direction.dst, direction.prefix)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                self._failed(direction.destination, error)
+                return
+            direction.prefix = direction.prefix[sent:]
+            if direction.prefix:
+                self._watch(direction, _WRITING)
+                return
+        self._watch(direction, _READING)
 
     def shutdown(self, reason: str = END_SHUTDOWN) -> None:
         """Close both sides at once (grace period over, idle timeout)."""
@@ -282,15 +442,15 @@ class SpliceRelay(BaseRelay):
         # stays watched and no epoll_ctl is made per chunk.
         if direction.watching == want:
             return
-        loop = self._loop
+        poller = self._poller
         if direction.watching == _READING:
-            loop.remove_reader(direction.src)
+            poller.set_reader(direction.src, None)
         elif direction.watching == _WRITING:
-            loop.remove_writer(direction.dst)
+            poller.set_writer(direction.dst, None)
         if want == _READING:
-            loop.add_reader(direction.src, self._pump, direction)
+            poller.set_reader(direction.src, direction.wake)
         elif want == _WRITING:
-            loop.add_writer(direction.dst, self._pump, direction)
+            poller.set_writer(direction.dst, direction.wake)
         direction.watching = want
 
     def _end_direction(self, direction: _Direction) -> None:
@@ -326,6 +486,7 @@ class SpliceRelay(BaseRelay):
             self._watch(direction, _IDLE)
             self._pool.release(direction.pipe)
         for sock in self._sockets:
+            self._poller.forget(sock.fileno())
             sock.close()
         self._finish()
 
@@ -347,6 +508,7 @@ def take_over(
     """
     endpoints = (client, backend)
     fds: list[int] = []
+    families: list[int] = []
     for endpoint in endpoints:
         transport = endpoint.transport
         if endpoint.lost or transport is None or transport.get_write_buffer_size():
@@ -355,15 +517,17 @@ def take_over(
         if sock is None:
             return None
         fds.append(sock.fileno())
+        families.append(sock.family)
     pipes: list[Pipe] = []
     sockets: list[socket.socket] = []
     try:
         for _ in endpoints:
             pipes.append(pool.acquire())
-        for fd in fds:
+        for fd, family in zip(fds, families, strict=True):
             duplicate = os.dup(fd)
             try:
-                sockets.append(socket.socket(fileno=duplicate))
+                # Family, type and protocol given: not asked of the kernel again.
+                sockets.append(socket.socket(family, socket.SOCK_STREAM, 0, duplicate))
             except OSError:
                 os.close(duplicate)
                 raise
