@@ -1,0 +1,300 @@
+"""Several worker processes: shared listeners, supervision, signals, summed metrics, checks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from support import Tcpfwd, connect, echo_server, exchange, failed_attempts, refused_port
+from tcpfwd.config import ConfigError, parse_config
+
+_STARTED = re.compile(r"worker (\d+) started: pid (\d+)")
+
+
+def workers_config(path: Path, services: str, *, workers: str = "2", extra: str = "") -> Path:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(
+        f'[global]\nworkers = {workers}\ngrace_period = "10s"\n{extra}\n'
+        f'[admin]\nlisten = "127.0.0.1:0"\n\n{services}'
+    )
+    temporary.replace(path)
+    return path
+
+
+def service(backends: str, name: str = "main") -> str:
+    return f'[services.{name}]\nlisten = ["127.0.0.1:0"]\nbackends = [{backends}]\n'
+
+
+def worker_pids(proxy: Tcpfwd) -> dict[int, int]:
+    """The latest pid of each worker index, from the supervisor's event lines."""
+    pids: dict[int, int] = {}
+    for line in list(proxy.events):
+        match = _STARTED.search(line)
+        if match and not line.split(" ", 3)[2].startswith("[worker"):
+            pids[int(match.group(1))] = int(match.group(2))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def supervised(run_tcpfwd: Callable[..., Tcpfwd]) -> Iterator[Callable[[Path], Tcpfwd]]:
+    """A supervisor with its workers; workers still running afterwards are killed by pid."""
+    started: list[Tcpfwd] = []
+
+    def start(config: Path) -> Tcpfwd:
+        proxy = run_tcpfwd("run", "--config", str(config), wait_ready=False)
+        proxy.wait_for_event("workers serving", 20)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        for pid in worker_pids(proxy).values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def admin_url(proxy: Tcpfwd) -> str:
+    line = proxy.wait_for_event("admin endpoint on ")
+    return line.split("admin endpoint on ", 1)[1].strip()
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        data: dict = json.load(response)
+    return data
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        body = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
+        time.sleep(0.05)
+
+
+def session_prefixes(proxy: Tcpfwd) -> set[str]:
+    """Session ids start with a random prefix per process: one per serving worker."""
+    return {record["session"].split("-")[0] for record in proxy.access_records(0)}
+
+
+def test_workers_parse_a_count_or_auto():
+    base = {"services": {"a": {"listen": ["127.0.0.1:0"], "backends": ["127.0.0.1:1"]}}}
+    assert parse_config(base, "x").workers == 1
+    auto = parse_config({**base, "global": {"workers": "auto"}}, "x")
+    assert auto.workers == len(os.sched_getaffinity(0))
+    assert parse_config({**base, "global": {"workers": 3}}, "x").workers == 3
+    for bad in (0, -1, "many", 1.5, True, 1000):
+        with pytest.raises(ConfigError, match=r"global\.workers"):
+            parse_config({**base, "global": {"workers": bad}}, "x")
+
+
+def test_both_workers_serve_and_metrics_sum_them(supervised, tmp_path):
+    with echo_server() as backend:
+        proxy = supervised(workers_config(tmp_path / "t.toml", service(f'"{backend.address}"')))
+        url = admin_url(proxy)
+        pids = worker_pids(proxy)
+        assert len(set(pids.values())) == 2 and proxy.pid not in pids.values()
+        for pid in pids.values():
+            proxy.wait_for_event(f"pid {pid}] ready:")
+        count = 60
+        for i in range(count):
+            assert exchange(proxy.address("main"), b"x%d" % i) == b"x%d" % i
+        proxy.wait_for_access(count)
+        # The kernel spreads connections over both workers' queues (60 coin tosses).
+        assert len(session_prefixes(proxy)) == 2
+        wait_for(lambda: metric(url, "tcpfwd_sessions_total") == count, "summed sessions")
+        assert metric(url, "tcpfwd_backend_sessions_total") == count
+        assert metric(url, "tcpfwd_connect_duration_seconds_count") == count
+        status = get_json(url + "/status")
+        assert status["pid"] == proxy.pid
+        assert sorted(w["pid"] for w in status["workers"]) == sorted(pids.values())
+        assert status["services"][0]["sessions_total"] == count
+        assert proxy.stop() == 0
+
+
+def test_a_killed_worker_is_replaced_and_the_service_goes_on(supervised, tmp_path):
+    with echo_server() as backend:
+        proxy = supervised(workers_config(tmp_path / "t.toml", service(f'"{backend.address}"')))
+        url = admin_url(proxy)
+        victim = worker_pids(proxy)[1]
+        failures: list[str] = []
+        done = 0
+        stop = threading.Event()
+
+        def clients() -> None:
+            nonlocal done
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    assert exchange(proxy.address("main"), b"ping", timeout=5) == b"ping"
+                    done += 1
+                except (OSError, AssertionError) as error:
+                    failures.append(repr(error))
+
+        thread = threading.Thread(target=clients)
+        thread.start()
+        try:
+            wait_for(lambda: done >= 50, "50 connections before the kill")
+            wait_for(lambda: metric(url, "tcpfwd_sessions_total") > 0, "counted sessions")
+            before = metric(url, "tcpfwd_sessions_total")
+            os.kill(victim, signal.SIGKILL)
+            proxy.wait_for_event("exited unexpectedly (signal SIGKILL)")
+            replacement_ready = proxy._wait(
+                lambda: next(
+                    (e for e in proxy.events if "worker 1 (pid" in e and e.endswith(") ready")),
+                    None,
+                ),
+                15,
+                "the replacement ready",
+            )
+            at_replacement = done
+            wait_for(lambda: done >= at_replacement + 50, "50 connections after the replacement")
+        finally:
+            stop.set()
+            thread.join(10)
+        replacement = worker_pids(proxy)[1]
+        assert replacement != victim and f"pid {replacement}" in replacement_ready
+        assert not alive(victim)
+        # The supervisor holds every listening socket, so what waited in the dead worker's
+        # queue is accepted by its replacement: only a session in flight on the killed
+        # worker can fail, and this client has one connection at a time.
+        print(f"worker kill: {len(failures)} failed of {done + len(failures)}: {failures}")
+        assert len(failures) <= 1
+        # Counters do not go back: the dead worker's last snapshot is kept.
+        wait_for(lambda: metric(url, "tcpfwd_sessions_total") >= before, "kept counters")
+        assert proxy.stop() == 0
+
+
+def test_sigterm_drains_every_worker_and_exits_zero(supervised, tmp_path):
+    with echo_server() as backend:
+        proxy = supervised(workers_config(tmp_path / "t.toml", service(f'"{backend.address}"')))
+        address = proxy.address("main")
+        pids = worker_pids(proxy)
+        # Enough live sessions that both workers hold some (the kernel picks per connection).
+        live = [connect(address) for _ in range(16)]
+        for sock in live:
+            sock.sendall(b"a")
+            assert sock.recv(1) == b"a"
+        proxy.signal(signal.SIGTERM)
+        for pid in pids.values():
+            proxy.wait_for_event(f"pid {pid}] stop from the supervisor received")
+        with pytest.raises(ConnectionRefusedError):
+            connect(address, timeout=2).close()
+        for sock in live:
+            sock.sendall(b"b")
+            assert sock.recv(1) == b"b"
+            sock.close()
+        assert proxy.wait(20) == 0
+        assert not any(alive(pid) for pid in pids.values())
+        proxy.wait_for_event("stopped")
+
+
+def test_reload_is_validated_by_the_supervisor_then_reaches_every_worker(supervised, tmp_path):
+    with echo_server() as backend:
+        path = workers_config(tmp_path / "t.toml", service(f'"{backend.address}"'))
+        proxy = supervised(path)
+        pids = worker_pids(proxy)
+        good = path.read_text()
+        path.write_text(good + "\n[services.broken]\nlisten = 5\n")
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_event("reload rejected")
+        assert any("reload: " in e and "services.broken" in e for e in proxy.events)
+        # A service added on a new "any port" address: bound once by the supervisor, so
+        # every worker serves the same port.
+        workers_config(
+            path,
+            service(f'"{backend.address}"') + service(f'"{backend.address}"', name="extra"),
+        )
+        proxy.signal(signal.SIGHUP)
+        for pid in pids.values():
+            proxy.wait_for_event(f"pid {pid}] reloaded")
+        assert sum("reloaded" in e for e in proxy.events) == 2
+        wait_for(lambda: len(proxy.listening.get("extra", [])) == 2, "both workers on extra")
+        assert len(set(proxy.listening["extra"])) == 1
+        count = 40
+        for i in range(count):
+            assert exchange(proxy.address("extra"), b"%d" % i) == b"%d" % i
+        records = proxy.access_records(count)
+        assert len({r["session"].split("-")[0] for r in records if r["service"] == "extra"}) == 2
+        assert proxy.stop() == 0
+
+
+def test_admin_actions_reach_every_worker(supervised, tmp_path):
+    with echo_server() as first, echo_server() as second:
+        backends = f'{{ address = "{first.address}", name = "a" }}, ' + (
+            f'{{ address = "{second.address}", name = "b" }}'
+        )
+        proxy = supervised(workers_config(tmp_path / "t.toml", service(backends)))
+        url = admin_url(proxy)
+        request = urllib.request.Request(url + "/backends/main/a/disable", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+        count = 40
+        for _ in range(count):
+            assert exchange(proxy.address("main"), b"q") == b"q"
+        records = proxy.access_records(count)
+        assert {r["backend"] for r in records} == {"b"}
+        assert len({r["session"].split("-")[0] for r in records}) == 2
+        backend_a = get_json(url + "/status")["services"][0]["backends"][0]
+        assert backend_a["admin_state"] == "disabled"
+        assert proxy.stop() == 0
+
+
+def test_health_checks_run_once_not_once_per_worker(supervised, tmp_path):
+    interval = 0.2
+    window = 3.0
+    with echo_server() as checked, refused_port() as dead:
+        backends = (
+            f'{{ address = "{dead}", name = "dead", health = {{ check = "tcp", '
+            f'interval = "{interval}s" }} }}, '
+            f'{{ address = "{checked.address}", name = "live", health = {{ check = "tcp", '
+            f'interval = "{interval}s" }} }}'
+        )
+        proxy = supervised(workers_config(tmp_path / "t.toml", service(backends)))
+        url = admin_url(proxy)
+        time.sleep(1.0)
+        before = checked.accepted
+        time.sleep(window)
+        checks = checked.accepted - before
+        print(f"{checks} checks of one backend in {window}s at {interval}s with 2 workers")
+        # One checker: window / interval (jitter 0.9-1.1); two would make about twice that.
+        assert window / interval * 0.6 <= checks <= window / interval * 1.3
+        # Worker 1 never checked "dead" itself, yet both workers know it is down.
+        status = get_json(url + "/status")
+        assert status["services"][0]["backends"][0]["health"] == "down"
+        count = 30
+        for _ in range(count):
+            assert exchange(proxy.address("main"), b"h") == b"h"
+        records = proxy.access_records(count)
+        assert len({r["session"].split("-")[0] for r in records}) == 2
+        assert all(failed_attempts(r) == [] for r in records)
+        assert proxy.stop() == 0
