@@ -282,6 +282,7 @@ class _Slot:
     ready: bool = False
     quick_deaths: int = 0
     restart_at: float | None = None
+    restarts: int = 0
 
 
 @dataclass
@@ -480,6 +481,7 @@ class Supervisor:
                     slot.quick_deaths = 0
                     delay = 0.0
                 slot.restart_at = now + delay
+                slot.restarts += 1
                 log.warning(
                     "worker %d (pid %d) exited unexpectedly (%s); restarting in %.1fs",
                     slot.index,
@@ -525,7 +527,12 @@ class Supervisor:
         else:
             log.info("%s received again: workers end their sessions now", signame)
         for slot in self.slots:
-            self._send(slot, {"op": "stop", "urgent": self._stop_requests > 1})
+            if slot.control is not None:
+                self._send(slot, {"op": "stop", "urgent": self._stop_requests > 1})
+            elif slot.process is not None and slot.process.poll() is None:
+                # No channel (it failed): a signal says the same.
+                with contextlib.suppress(OSError):
+                    slot.process.send_signal(signal.SIGTERM)
 
     def _reopen_logs(self) -> None:
         self._signal_workers(signal.SIGUSR1)
@@ -768,6 +775,7 @@ class Supervisor:
                     "state": s["status"]["state"],
                     "sessions_active": s["status"]["sessions"]["active"],
                     "updated": s["written"],
+                    "restarts": self.slots[s["index"]].restarts,
                 }
                 for s in snapshots
             ],
