@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -16,7 +17,16 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import Tcpfwd, connect, echo_server, exchange, failed_attempts, refused_port
+from support import (
+    Tcpfwd,
+    connect,
+    echo_server,
+    exchange,
+    failed_attempts,
+    refused_port,
+    run_command,
+    socket_activation,
+)
 from tcpfwd.config import ConfigError, parse_config
 
 _STARTED = re.compile(r"worker (\d+) started: pid (\d+)")
@@ -297,4 +307,96 @@ def test_health_checks_run_once_not_once_per_worker(supervised, tmp_path):
         records = proxy.access_records(count)
         assert len({r["session"].split("-")[0] for r in records}) == 2
         assert all(failed_attempts(r) == [] for r in records)
+        assert proxy.stop() == 0
+
+
+def test_systemd_sees_the_supervisor_alone_with_shared_inherited_sockets(run_tcpfwd, tmp_path):
+    from test_operations import NotifyRecorder  # noqa: PLC0415 - the one recorder
+
+    recorder = NotifyRecorder(tmp_path / "notify.sock")
+    pid_file = tmp_path / "tcpfwd.pid"
+    proxy = None
+    try:
+        with echo_server() as backend, socket.socket() as listening:
+            listening.bind(("127.0.0.1", 0))
+            listening.listen(128)
+            port = listening.getsockname()[1]
+            path = workers_config(
+                tmp_path / "t.toml",
+                f'[services.main]\nlisten = ["127.0.0.1:{port}"]\n'
+                f'backends = ["{backend.address}"]\n',
+                extra=f'pid_file = "{pid_file}"',
+            )
+            proxy = run_tcpfwd(
+                "run",
+                "--config",
+                str(path),
+                wait_ready=False,
+                env={"NOTIFY_SOCKET": str(recorder.path)},
+                **socket_activation(listening),
+            )
+            ready = recorder.wait_for("READY", 20)
+            assert ready["MAINPID"] == str(proxy.pid)
+            assert any("workers serving" in e for e in proxy.events)
+            assert int(pid_file.read_text()) == proxy.pid
+            pids = worker_pids(proxy)
+            # Both workers accept on the one socket systemd passed.
+            assert proxy.listening["main"] == [("127.0.0.1", port)] * 2
+            for i in range(10):
+                assert exchange(("127.0.0.1", port), b"%d" % i) == b"%d" % i
+            result = run_command("reload", "--config", str(path))
+            assert result.returncode == 0, result.stderr
+            for pid in pids.values():
+                proxy.wait_for_event(f"pid {pid}] reloaded")
+            recorder.wait_for("RELOADING")
+            assert proxy.stop() == 0
+            with contextlib.suppress(AssertionError):
+                recorder.wait_for("never", 0.5)
+            # Workers have no NOTIFY_SOCKET: every message came from the supervisor.
+            assert {m.get("MAINPID", str(proxy.pid)) for m in recorder.messages} == {str(proxy.pid)}
+            assert not pid_file.exists()
+    finally:
+        recorder.close()
+        if proxy is not None:
+            for pid in worker_pids(proxy).values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_stop_when_the_supervisor_dies(supervised, tmp_path):
+    with echo_server() as backend:
+        proxy = supervised(workers_config(tmp_path / "t.toml", service(f'"{backend.address}"')))
+        pids = worker_pids(proxy)
+        proxy.kill()
+        # Their stderr is still the test's pipe: read on after the supervisor is gone.
+        for pid in pids.values():
+            wanted = f"pid {pid}] supervisor gone received: stopping"
+            wait_for(lambda w=wanted: any(w in e for e in proxy.events), wanted)
+        wait_for(lambda: not any(alive(pid) for pid in pids.values()), "workers gone")
+
+
+def test_a_port_in_use_fails_the_start_with_workers(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        path = workers_config(
+            tmp_path / "t.toml",
+            f'[services.main]\nlisten = ["127.0.0.1:{port}"]\nbackends = ["127.0.0.1:1"]\n',
+        )
+        result = run_command("run", "--config", str(path))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "worker" not in result.stderr
+
+
+def test_changing_the_worker_count_needs_a_restart(run_tcpfwd, tmp_path):
+    with echo_server() as backend:
+        path = workers_config(tmp_path / "t.toml", service(f'"{backend.address}"'), workers="1")
+        proxy = run_tcpfwd("run", "--config", str(path))
+        workers_config(path, service(f'"{backend.address}"'), workers="2")
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_event("workers = 2 needs a restart; still 1")
+        assert exchange(proxy.address("main"), b"z") == b"z"
+        assert not worker_pids(proxy)
         assert proxy.stop() == 0
