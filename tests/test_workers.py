@@ -57,11 +57,13 @@ def worker_pids(proxy: Tcpfwd) -> dict[int, int]:
 
 
 def alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie its new parent has yet to reap."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    return True
+    return state not in ("Z", "X")
 
 
 @pytest.fixture
