@@ -334,7 +334,7 @@ def test_systemd_sees_the_supervisor_alone_with_shared_inherited_sockets(run_tcp
                 "--config",
                 str(path),
                 wait_ready=False,
-                env={"NOTIFY_SOCKET": str(recorder.path)},
+                env={"NOTIFY_SOCKET": str(recorder.path), "WATCHDOG_USEC": "400000"},
                 **socket_activation(listening),
             )
             ready = recorder.wait_for("READY", 20)
@@ -351,7 +351,9 @@ def test_systemd_sees_the_supervisor_alone_with_shared_inherited_sockets(run_tcp
             for pid in pids.values():
                 proxy.wait_for_event(f"pid {pid}] reloaded")
             recorder.wait_for("RELOADING")
+            assert recorder.wait_for("WATCHDOG")["WATCHDOG"] == "1"
             assert proxy.stop() == 0
+            assert recorder.wait_for("STOPPING")["STOPPING"] == "1"
             with contextlib.suppress(AssertionError):
                 recorder.wait_for("never", 0.5)
             # Workers have no NOTIFY_SOCKET: every message came from the supervisor.
@@ -401,4 +403,28 @@ def test_changing_the_worker_count_needs_a_restart(run_tcpfwd, tmp_path):
         proxy.wait_for_event("workers = 2 needs a restart; still 1")
         assert exchange(proxy.address("main"), b"z") == b"z"
         assert not worker_pids(proxy)
+        assert proxy.stop() == 0
+
+
+def test_sigusr1_reopens_the_log_files_of_every_worker(supervised, tmp_path):
+    access_log = tmp_path / "access.log"
+    with echo_server() as backend:
+        path = workers_config(
+            tmp_path / "t.toml",
+            service(f'"{backend.address}"'),
+            extra=f'access_log = "{access_log}"',
+        )
+        proxy = supervised(path)
+        pids = worker_pids(proxy)
+        access_log.rename(tmp_path / "access.log.1")
+        proxy.signal(signal.SIGUSR1)
+        for pid in pids.values():
+            proxy.wait_for_event(f"pid {pid}] SIGUSR1 received: reopened 1 log files")
+        proxy.wait_for_event("passed on to the workers")
+        count = 30
+        for _ in range(count):
+            assert exchange(proxy.address("main"), b"l") == b"l"
+        wait_for(lambda: len(access_log.read_text().splitlines()) == count, "access lines")
+        prefixes = {line.split()[1].split("-")[0] for line in access_log.read_text().splitlines()}
+        assert len(prefixes) == 2
         assert proxy.stop() == 0
