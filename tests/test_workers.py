@@ -339,7 +339,7 @@ def test_systemd_sees_the_supervisor_alone_with_shared_inherited_sockets(run_tcp
             )
             ready = recorder.wait_for("READY", 20)
             assert ready["MAINPID"] == str(proxy.pid)
-            assert any("workers serving" in e for e in proxy.events)
+            proxy.wait_for_event("workers serving")
             assert int(pid_file.read_text()) == proxy.pid
             pids = worker_pids(proxy)
             # Both workers accept on the one socket systemd passed.
