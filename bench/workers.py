@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Connection rate of tcpfwd with 1 worker vs N workers (``[global] workers``).
 
-    python bench/workers.py [--workers 1,2] [--repeat 3] [--duration 5] [--connections 16]
+    python bench/workers.py [--workers 1,2,2s] [--repeat 3] [--duration 5] [--connections 16]
+
+A count with an ``s`` (``2s``) sets ``reuse_port = false``: one accept queue per address
+shared by the workers, instead of one per worker with SO_REUSEPORT.
 
 wrk, one request per connection (``Connection: close``), through tcpfwd to an nginx
 HTTP backend, as the ``short`` scenario of bench/run.py. The load (wrk) and the backend
@@ -27,13 +30,15 @@ from pathlib import Path
 import run as bench_run  # bench/run.py: processes, nginx backend, wrk, CPU accounting
 
 
-def tcpfwd_config(workdir: Path, workers: int, listen: int, backend: int) -> Path:
-    config = workdir / f"tcpfwd-{workers}w.toml"
+def tcpfwd_config(workdir: Path, contender: str, listen: int, backend: int) -> Path:
+    config = workdir / f"tcpfwd-{contender}.toml"
+    shared = contender.endswith("s")
     config.write_text(
         f"""\
 [global]
 grace_period = "1s"
-workers = {workers}
+workers = {contender.rstrip("s")}
+reuse_port = {str(not shared).lower()}
 access_log = "off"
 
 [services.short]
@@ -46,17 +51,17 @@ backends = ["{bench_run.HOST}:{backend}"]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", default="1,2", help="worker counts to compare")
+    parser.add_argument("--workers", default="1,2,2s", help="worker counts to compare")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=16, help="wrk -c")
     args = parser.parse_args()
-    counts = [int(n) for n in args.workers.split(",")]
+    counts = args.workers.split(",")
     os.sched_setaffinity(0, {bench_run.LOAD_CPU})
     env = bench_run.tcpfwd_env()
-    rates: dict[int, list[float]] = {n: [] for n in counts}
-    cpu_per_conn: dict[int, list[float]] = {n: [] for n in counts}
-    cpu_load: dict[int, list[float]] = {n: [] for n in counts}
+    rates: dict[str, list[float]] = {n: [] for n in counts}
+    cpu_per_conn: dict[str, list[float]] = {n: [] for n in counts}
+    cpu_load: dict[str, list[float]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory(prefix="tcpfwd-workers-bench-") as tmp:
         workdir = Path(tmp)
         pinned = bench_run.Processes(workdir, pin=True)
@@ -85,7 +90,7 @@ def main() -> int:
                     try:
                         bench_run.wait_listening(process, [port], f"tcpfwd {workers}w")
                         # Every worker up (they print "ready" as they come).
-                        time.sleep(0.5 + 0.3 * workers)
+                        time.sleep(0.5 + 0.3 * int(workers.rstrip("s")))
                         before = bench_run.cpu_seconds(process.pid)
                         started = time.monotonic()
                         result = run_wrk(bench, port, args.duration, args.connections)

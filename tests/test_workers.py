@@ -127,11 +127,21 @@ def test_workers_parse_a_count_or_auto():
     for bad in (0, -1, "many", 1.5, True, 1000):
         with pytest.raises(ConfigError, match=r"global\.workers"):
             parse_config({**base, "global": {"workers": bad}}, "x")
+    assert parse_config(base, "x").reuse_port is True
+    assert parse_config({**base, "global": {"reuse_port": False}}, "x").reuse_port is False
+    with pytest.raises(ConfigError, match=r"global\.reuse_port"):
+        parse_config({**base, "global": {"reuse_port": "sometimes"}}, "x")
 
 
-def test_both_workers_serve_and_metrics_sum_them(supervised, tmp_path):
+@pytest.mark.parametrize("reuse_port", ["true", "false"])
+def test_both_workers_serve_and_metrics_sum_them(supervised, tmp_path, reuse_port):
     with echo_server() as backend:
-        proxy = supervised(workers_config(tmp_path / "t.toml", service(f'"{backend.address}"')))
+        path = workers_config(
+            tmp_path / "t.toml",
+            service(f'"{backend.address}"'),
+            extra=f"reuse_port = {reuse_port}",
+        )
+        proxy = supervised(path)
         url = admin_url(proxy)
         pids = worker_pids(proxy)
         assert len(set(pids.values())) == 2 and proxy.pid not in pids.values()
@@ -141,7 +151,8 @@ def test_both_workers_serve_and_metrics_sum_them(supervised, tmp_path):
         for i in range(count):
             assert exchange(proxy.address("main"), b"x%d" % i) == b"x%d" % i
         proxy.wait_for_access(count)
-        # The kernel spreads connections over both workers' queues (60 coin tosses).
+        # SO_REUSEPORT: the kernel spreads connections over both workers' queues (60 coin
+        # tosses); one shared queue: whichever worker is first to accept takes each.
         assert len(session_prefixes(proxy)) == 2
         wait_for(lambda: metric(url, "tcpfwd_sessions_total") == count, "summed sessions")
         assert metric(url, "tcpfwd_backend_sessions_total") == count
@@ -153,9 +164,15 @@ def test_both_workers_serve_and_metrics_sum_them(supervised, tmp_path):
         assert proxy.stop() == 0
 
 
-def test_a_killed_worker_is_replaced_and_the_service_goes_on(supervised, tmp_path):
+@pytest.mark.parametrize("reuse_port", ["true", "false"])
+def test_a_killed_worker_is_replaced_and_the_service_goes_on(supervised, tmp_path, reuse_port):
     with echo_server() as backend:
-        proxy = supervised(workers_config(tmp_path / "t.toml", service(f'"{backend.address}"')))
+        path = workers_config(
+            tmp_path / "t.toml",
+            service(f'"{backend.address}"'),
+            extra=f"reuse_port = {reuse_port}",
+        )
+        proxy = supervised(path)
         url = admin_url(proxy)
         victim = worker_pids(proxy)[1]
         failures: list[str] = []

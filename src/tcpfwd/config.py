@@ -505,6 +505,9 @@ class Config:
     pid_file: str | None = None
     # Processes serving the listeners (SO_REUSEPORT); 1 is a single process, no supervisor.
     workers: int = 1
+    # With workers: a socket (and accept queue) per worker with SO_REUSEPORT, or False:
+    # one socket per address that every worker accepts from.
+    reuse_port: bool = True
     source: str = "<defaults>"
 
 
@@ -564,6 +567,7 @@ _GLOBAL_PARSERS: dict[str, Callable[[object], Any]] = {
     "group": _identifier,
     "pid_file": _absolute_path,
     "workers": _workers,
+    "reuse_port": _boolean,
 }
 
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -240,7 +240,7 @@ def run_worker(
     logging.getLogger("tcpfwd").addFilter(_WorkerTag(spec.index))
     server = Server(config, reload_config=reload_config)
     server.serve_admin = False
-    server.reuse_port = True
+    server.reuse_port = config.reuse_port
     server.monitor.active_checks = spec.index == 0
     for service, host, port, fds in spec.listen:
         server.given[(service, Address(host, port))] = _sockets(fds)
@@ -330,6 +330,11 @@ class Supervisor:
                 self._inherited.remove(sock)
                 # One inherited socket, one queue, shared by every worker.
                 return [[sock] for _ in range(self.count)]
+        if not self.config.reuse_port:
+            # One queue that whichever worker is free takes from: self-balancing where
+            # the workers' CPUs are unequally busy, at the cost of waking them all.
+            shared = open_listening_sockets(address, backlog)
+            return [shared for _ in range(self.count)]
         first = open_listening_sockets(address, backlog, reuse_port=True)
         groups = [first]
         try:
@@ -582,6 +587,11 @@ class Supervisor:
         if config.workers != self.count:
             log.warning(
                 "reload: workers = %d needs a restart; still %d", config.workers, self.count
+            )
+        if config.reuse_port != self.config.reuse_port:
+            log.warning(
+                "reload: reuse_port = %s applies to new listen addresses only; restart for all",
+                str(config.reuse_port).lower(),
             )
         wanted = {listen_key(s.name, a) for s in config.services for a in s.listen}
         for key in [k for k in self.sockets if k not in wanted]:
