@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import tempfile
 import threading
 import time
 import urllib.request
@@ -394,6 +395,13 @@ def test_workers_stop_when_the_supervisor_dies(supervised, tmp_path):
             wanted = f"pid {pid}] supervisor gone received: stopping"
             wait_for(lambda w=wanted: any(w in e for e in proxy.events), wanted)
         wait_for(lambda: not any(alive(pid) for pid in pids.values()), "workers gone")
+        # The last one out removed the runtime folder the supervisor could not.
+        runtime = Path(tempfile.gettempdir())
+        assert not any(
+            str(pid) in p.read_text()
+            for p in runtime.glob("tcpfwd-workers-*/worker-*.json")
+            for pid in pids.values()
+        )
 
 
 def test_a_port_in_use_fails_the_start_with_workers(tmp_path):

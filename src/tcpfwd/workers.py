@@ -139,6 +139,8 @@ class _WorkerLink:
         self.spec = spec
         self.control = socket.socket(fileno=spec.control)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The supervisor died: nobody will read snapshots or remove the runtime folder.
+        self.orphaned = False
 
     def start(self) -> None:
         """Called once the server accepts: say so, then keep the supervisor informed."""
@@ -204,6 +206,7 @@ class _WorkerLink:
             self._loop.remove_reader(self.control.fileno())
             for fd in fds:
                 os.close(fd)
+            self.orphaned = True
             self.server.request_stop("supervisor gone")
             return
         message = json.loads(data)
@@ -256,8 +259,15 @@ def run_worker(
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(server.serve(on_ready=link.start))
     finally:
-        # The last word, so the supervisor's totals include every session that ended.
-        link.write_snapshot()
+        if link.orphaned:
+            # The last worker out removes the folder its dead supervisor cannot.
+            with contextlib.suppress(OSError):
+                os.unlink(snapshot_path(spec.runtime, spec.index))
+            with contextlib.suppress(OSError):
+                os.rmdir(spec.runtime)
+        else:
+            # The last word, so the supervisor's totals include every session that ended.
+            link.write_snapshot()
         server.notifier.close()
 
 
