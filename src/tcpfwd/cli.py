@@ -338,7 +338,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _with_logging_overrides(load_config(path), overrides)
 
     try:
-        run(config, reload_config=reload_config)
+        if command == "run":
+            # Imported here: a single process does without it.
+            from .workers import run_worker, supervise, worker_spec  # noqa: PLC0415
+
+            spec = worker_spec()
+            if spec is not None:
+                run_worker(config, spec, reload_config=reload_config)
+            elif config.workers > 1:
+                supervise(config, args_list, reload_config=reload_config)
+            else:
+                run(config, reload_config=reload_config)
+        else:
+            run(config, reload_config=reload_config)
     except ListenError as error:
         print(f"tcpfwd: {error}", file=sys.stderr)
         return EXIT_STARTUP_FAILED

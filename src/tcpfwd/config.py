@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -227,6 +228,18 @@ def _optional_count(value: object) -> int | None:
         return None
     count = _int_between(0, 10_000_000)(value)
     return count or None
+
+
+MAX_WORKERS = 256
+
+
+def _workers(value: object) -> int:
+    """A process count, or ``"auto"``: one per CPU this process may run on."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise _Invalid(f'expected "auto" or a whole number from 1 to {MAX_WORKERS}')
+    return value
 
 
 def _optional_rate(value: object) -> float | None:
@@ -490,6 +503,11 @@ class Config:
     group: str | None = None
     # Where the daemon writes its pid (for `tcpfwd reload` and init scripts).
     pid_file: str | None = None
+    # Processes serving the listeners (SO_REUSEPORT); 1 is a single process, no supervisor.
+    workers: int = 1
+    # With workers: a socket (and accept queue) per worker with SO_REUSEPORT, or False:
+    # one socket per address that every worker accepts from.
+    reuse_port: bool = True
     source: str = "<defaults>"
 
 
@@ -548,6 +566,8 @@ _GLOBAL_PARSERS: dict[str, Callable[[object], Any]] = {
     "user": _identifier,
     "group": _identifier,
     "pid_file": _absolute_path,
+    "workers": _workers,
+    "reuse_port": _boolean,
 }
 
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -49,8 +49,13 @@ class ListenError(Exception):
     """A listening socket could not be opened; the message is for the operator."""
 
 
-def open_listening_sockets(address: Address, backlog: int) -> list[socket.socket]:
-    """Bind every address ``address`` stands for (all interfaces, or each a name has)."""
+def open_listening_sockets(
+    address: Address, backlog: int, *, reuse_port: bool = False
+) -> list[socket.socket]:
+    """Bind every address ``address`` stands for (all interfaces, or each a name has).
+
+    ``reuse_port``: several workers bind the same address, each its own accept queue.
+    """
     host = address.host or None
     try:
         infos = socket.getaddrinfo(
@@ -68,6 +73,8 @@ def open_listening_sockets(address: Address, backlog: int) -> list[socket.socket
             sock = socket.socket(family, socket.SOCK_STREAM, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 # One socket per family, as for 0.0.0.0 and :: side by side.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -221,3 +221,58 @@ class TcpfwdCollector(Collector):
             admin,
             checks,
         )
+
+
+# --- several processes: counters travel as JSON and are summed (workers.py) -------------
+
+
+def histogram_to_dict(histogram: Histogram) -> dict[str, Any]:
+    return {"counts": histogram.counts, "count": histogram.count, "total": histogram.total}
+
+
+def add_histogram(into: Histogram, data: dict[str, Any]) -> None:
+    counts = data["counts"]
+    if len(counts) != len(into.counts):
+        return  # other bucket bounds (another version): cannot be summed
+    into.counts = [a + b for a, b in zip(into.counts, counts, strict=True)]
+    into.count += data["count"]
+    into.total += data["total"]
+
+
+def stats_to_dict(stats: ServiceStats) -> dict[str, Any]:
+    """The counters of ``stats`` as JSON-able data (the per-client table stays local)."""
+    return {
+        "active": stats.active,
+        "rejected": dict(stats.rejected),
+        "ends": dict(stats.ends),
+        "bytes_from_client": stats.bytes_from_client,
+        "bytes_from_backend": stats.bytes_from_backend,
+        "connect_seconds": histogram_to_dict(stats.connect_seconds),
+        "backends": {
+            name: {
+                "attempts": dict(backend.attempts),
+                "sessions": backend.sessions,
+                "active": backend.active,
+                "check_seconds": histogram_to_dict(backend.check_seconds),
+            }
+            for name, backend in stats.backends.items()
+        },
+    }
+
+
+def add_stats(into: ServiceStats, data: dict[str, Any], *, gauges: bool = True) -> None:
+    """Add counters from ``stats_to_dict`` to ``into``; ``gauges``: live counts too."""
+    if gauges:
+        into.active += data["active"]
+    into.rejected.update(data["rejected"])
+    into.ends.update(data["ends"])
+    into.bytes_from_client += data["bytes_from_client"]
+    into.bytes_from_backend += data["bytes_from_backend"]
+    add_histogram(into.connect_seconds, data["connect_seconds"])
+    for name, backend_data in data["backends"].items():
+        backend = into.backend(name)
+        backend.attempts.update(backend_data["attempts"])
+        backend.sessions += backend_data["sessions"]
+        if gauges:
+            backend.active += backend_data["active"]
+        add_histogram(backend.check_seconds, backend_data["check_seconds"])

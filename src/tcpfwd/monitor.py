@@ -88,6 +88,8 @@ class HealthMonitor:
         self._clock = clock
         self._targets: dict[HealthKey, _Target] = {}
         self._running = False
+        # False in workers but the first: one process checks, the others adopt its verdict.
+        self.active_checks = True
 
     def register(self, service: ServiceConfig) -> list[BackendHealth | None]:
         """Health entries for a service's backends, in its order; None where not tracked."""
@@ -150,6 +152,13 @@ class HealthMonitor:
             return
         self._report(target, target.health.observe_failure(Source.PASSIVE, reason, self._clock()))
 
+    def adopt(self, key: HealthKey, state: str, reason: str) -> None:
+        """Take another process's verdict on an actively checked backend (workers)."""
+        target = self._targets.get(key)
+        if target is None or target.probe is None or target.health.state.value == state:
+            return
+        self._report(target, target.health.force(HealthState(state), reason, self._clock()))
+
     # --- checks ---------------------------------------------------------------------
 
     def _report(self, target: _Target, transition: Transition | None) -> None:
@@ -172,7 +181,8 @@ class HealthMonitor:
         if not self._running or (target.task is not None and not target.task.done()):
             return
         if target.probe is not None:
-            target.task = asyncio.get_running_loop().create_task(self._check_forever(target))
+            if self.active_checks:
+                target.task = asyncio.get_running_loop().create_task(self._check_forever(target))
         elif not target.health.is_up:
             target.task = asyncio.get_running_loop().create_task(self._probe_until_up(target))
 

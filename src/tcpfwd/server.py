@@ -196,6 +196,12 @@ class Server:
         self._last_capacity_log = 0.0
         self._rejects: dict[tuple[str, str], _RejectLog] = {}
         self._inherited: list[socket.socket] = []
+        # A worker's listening sockets, bound by its supervisor (workers.py), by address.
+        self.given: dict[ListenKey, list[socket.socket]] = {}
+        # Workers leave the admin endpoint to their supervisor, and bind what it did not
+        # give them (an address added to the file meanwhile) in its SO_REUSEPORT group.
+        self.serve_admin = True
+        self.reuse_port = False
         self._stop_requests = 0
         self._stopping: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
@@ -209,13 +215,16 @@ class Server:
 
     # --- listening sockets -----------------------------------------------------------
 
-    def _open(self, address: Address, backlog: int) -> list[socket.socket]:
-        """Sockets for ``address``: inherited from systemd where one matches, else bound."""
+    def _open(self, key: ListenKey, address: Address, backlog: int) -> list[socket.socket]:
+        """Sockets for ``address``: given by a supervisor, inherited from systemd, or bound."""
+        given = self.given.pop(key, None)
+        if given is not None:
+            return given
         for sock in self._inherited:
             if _serves(sock, address):
                 self._inherited.remove(sock)
                 return [sock]
-        return open_listening_sockets(address, backlog)
+        return open_listening_sockets(address, backlog, reuse_port=self.reuse_port)
 
     def bind(self) -> None:
         """Open every listening socket, or none: raises ListenError on the first failure."""
@@ -226,7 +235,7 @@ class Server:
             sock.close()
         self._inherited = []
         admin = self.config.admin
-        if admin.listen is not None:
+        if admin.listen is not None and self.serve_admin:
             try:
                 # One socket is enough for an endpoint meant for one management address.
                 first, *extra = open_listening_sockets(admin.listen, 64)
@@ -249,7 +258,7 @@ class Server:
                 for address in service.listen:
                     key = listen_key(service.name, address)
                     if key not in existing and key not in opened:
-                        opened[key] = self._open(address, service.settings.backlog)
+                        opened[key] = self._open(key, address, service.settings.backlog)
         except ListenError:
             for socks in opened.values():
                 for sock in socks:
@@ -400,6 +409,12 @@ class Server:
                 return False
             # Every service shares this one object, so all of them switch format at once.
             self.access_log.set_format(config.log_format)
+        if config.workers != self.config.workers:
+            log.warning(
+                "reload: workers = %d needs a restart; still %d",
+                config.workers,
+                self.config.workers,
+            )
         before = {s.name: s.config for s in self.services.values()}
         self._install(config, opened)
         for key, group in self.listeners.items():

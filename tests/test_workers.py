@@ -1,0 +1,455 @@
+"""Several worker processes: shared listeners, supervision, signals, summed metrics, checks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from support import (
+    Tcpfwd,
+    connect,
+    echo_server,
+    exchange,
+    failed_attempts,
+    refused_port,
+    run_command,
+    socket_activation,
+)
+from tcpfwd.config import ConfigError, parse_config
+
+_STARTED = re.compile(r"worker (\d+) started: pid (\d+)")
+
+
+def workers_config(path: Path, services: str, *, workers: str = "2", extra: str = "") -> Path:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(
+        f'[global]\nworkers = {workers}\ngrace_period = "10s"\n{extra}\n'
+        f'[admin]\nlisten = "127.0.0.1:0"\n\n{services}'
+    )
+    temporary.replace(path)
+    return path
+
+
+def service(backends: str, name: str = "main") -> str:
+    return f'[services.{name}]\nlisten = ["127.0.0.1:0"]\nbackends = [{backends}]\n'
+
+
+def worker_pids(proxy: Tcpfwd) -> dict[int, int]:
+    """The latest pid of each worker index, from the supervisor's event lines."""
+    pids: dict[int, int] = {}
+    for line in list(proxy.events):
+        match = _STARTED.search(line)
+        if match and not line.split(" ", 3)[2].startswith("[worker"):
+            pids[int(match.group(1))] = int(match.group(2))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie its new parent has yet to reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.fixture
+def supervised(run_tcpfwd: Callable[..., Tcpfwd]) -> Iterator[Callable[[Path], Tcpfwd]]:
+    """A supervisor with its workers; workers still running afterwards are killed by pid."""
+    started: list[Tcpfwd] = []
+
+    def start(config: Path) -> Tcpfwd:
+        proxy = run_tcpfwd("run", "--config", str(config), wait_ready=False)
+        proxy.wait_for_event("workers serving", 20)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        for pid in worker_pids(proxy).values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def admin_url(proxy: Tcpfwd) -> str:
+    line = proxy.wait_for_event("admin endpoint on ")
+    return line.split("admin endpoint on ", 1)[1].strip()
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        data: dict = json.load(response)
+    return data
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        body = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
+        time.sleep(0.05)
+
+
+def session_prefixes(proxy: Tcpfwd) -> set[str]:
+    """Session ids start with a random prefix per process: one per serving worker."""
+    return {record["session"].split("-")[0] for record in proxy.access_records(0)}
+
+
+def test_workers_parse_a_count_or_auto():
+    base = {"services": {"a": {"listen": ["127.0.0.1:0"], "backends": ["127.0.0.1:1"]}}}
+    assert parse_config(base, "x").workers == 1
+    auto = parse_config({**base, "global": {"workers": "auto"}}, "x")
+    assert auto.workers == len(os.sched_getaffinity(0))
+    assert parse_config({**base, "global": {"workers": 3}}, "x").workers == 3
+    for bad in (0, -1, "many", 1.5, True, 1000):
+        with pytest.raises(ConfigError, match=r"global\.workers"):
+            parse_config({**base, "global": {"workers": bad}}, "x")
+    assert parse_config(base, "x").reuse_port is True
+    assert parse_config({**base, "global": {"reuse_port": False}}, "x").reuse_port is False
+    with pytest.raises(ConfigError, match=r"global\.reuse_port"):
+        parse_config({**base, "global": {"reuse_port": "sometimes"}}, "x")
+
+
+@pytest.mark.parametrize("reuse_port", ["true", "false"])
+def test_both_workers_serve_and_metrics_sum_them(supervised, tmp_path, reuse_port):
+    with echo_server() as backend:
+        path = workers_config(
+            tmp_path / "t.toml",
+            service(f'"{backend.address}"'),
+            extra=f"reuse_port = {reuse_port}",
+        )
+        proxy = supervised(path)
+        url = admin_url(proxy)
+        pids = worker_pids(proxy)
+        assert len(set(pids.values())) == 2 and proxy.pid not in pids.values()
+        for pid in pids.values():
+            proxy.wait_for_event(f"pid {pid}] ready:")
+        count = 60
+        for i in range(count):
+            assert exchange(proxy.address("main"), b"x%d" % i) == b"x%d" % i
+        proxy.wait_for_access(count)
+        # SO_REUSEPORT: the kernel spreads connections over both workers' queues (60 coin
+        # tosses); one shared queue: whichever worker is first to accept takes each.
+        assert len(session_prefixes(proxy)) == 2
+        wait_for(lambda: metric(url, "tcpfwd_sessions_total") == count, "summed sessions")
+        assert metric(url, "tcpfwd_backend_sessions_total") == count
+        assert metric(url, "tcpfwd_connect_duration_seconds_count") == count
+        status = get_json(url + "/status")
+        assert status["pid"] == proxy.pid
+        assert sorted(w["pid"] for w in status["workers"]) == sorted(pids.values())
+        assert status["services"][0]["sessions_total"] == count
+        assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize("reuse_port", ["true", "false"])
+def test_a_killed_worker_is_replaced_and_the_service_goes_on(supervised, tmp_path, reuse_port):
+    with echo_server() as backend:
+        path = workers_config(
+            tmp_path / "t.toml",
+            service(f'"{backend.address}"'),
+            extra=f"reuse_port = {reuse_port}",
+        )
+        proxy = supervised(path)
+        url = admin_url(proxy)
+        victim = worker_pids(proxy)[1]
+        failures: list[str] = []
+        done = 0
+        stop = threading.Event()
+
+        def clients() -> None:
+            nonlocal done
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    assert exchange(proxy.address("main"), b"ping", timeout=5) == b"ping"
+                    done += 1
+                except (OSError, AssertionError) as error:
+                    failures.append(repr(error))
+
+        thread = threading.Thread(target=clients)
+        thread.start()
+        try:
+            wait_for(lambda: done >= 50, "50 connections before the kill")
+            wait_for(lambda: metric(url, "tcpfwd_sessions_total") > 0, "counted sessions")
+            before = metric(url, "tcpfwd_sessions_total")
+            os.kill(victim, signal.SIGKILL)
+            proxy.wait_for_event("exited unexpectedly (signal SIGKILL)")
+            replacement_ready = proxy._wait(
+                lambda: next(
+                    (e for e in proxy.events if "worker 1 (pid" in e and e.endswith(") ready")),
+                    None,
+                ),
+                15,
+                "the replacement ready",
+            )
+            at_replacement = done
+            wait_for(lambda: done >= at_replacement + 50, "50 connections after the replacement")
+        finally:
+            stop.set()
+            thread.join(10)
+        replacement = worker_pids(proxy)[1]
+        assert replacement != victim and f"pid {replacement}" in replacement_ready
+        assert not alive(victim)
+        # The supervisor holds every listening socket, so what waited in the dead worker's
+        # queue is accepted by its replacement: only a session in flight on the killed
+        # worker can fail, and this client has one connection at a time.
+        print(f"worker kill: {len(failures)} failed of {done + len(failures)}: {failures}")
+        assert len(failures) <= 1
+        # Counters do not go back: the dead worker's last snapshot is kept.
+        wait_for(lambda: metric(url, "tcpfwd_sessions_total") >= before, "kept counters")
+        assert proxy.stop() == 0
+
+
+def test_sigterm_drains_every_worker_and_exits_zero(supervised, tmp_path):
+    with echo_server() as backend:
+        proxy = supervised(workers_config(tmp_path / "t.toml", service(f'"{backend.address}"')))
+        address = proxy.address("main")
+        pids = worker_pids(proxy)
+        # Enough live sessions that both workers hold some (the kernel picks per connection).
+        live = [connect(address) for _ in range(16)]
+        for sock in live:
+            sock.sendall(b"a")
+            assert sock.recv(1) == b"a"
+        proxy.signal(signal.SIGTERM)
+        for pid in pids.values():
+            proxy.wait_for_event(f"pid {pid}] stop from the supervisor received")
+        with pytest.raises(ConnectionRefusedError):
+            connect(address, timeout=2).close()
+        for sock in live:
+            sock.sendall(b"b")
+            assert sock.recv(1) == b"b"
+            sock.close()
+        assert proxy.wait(20) == 0
+        assert not any(alive(pid) for pid in pids.values())
+        proxy.wait_for_event("stopped")
+
+
+def test_reload_is_validated_by_the_supervisor_then_reaches_every_worker(supervised, tmp_path):
+    with echo_server() as backend:
+        path = workers_config(tmp_path / "t.toml", service(f'"{backend.address}"'))
+        proxy = supervised(path)
+        pids = worker_pids(proxy)
+        good = path.read_text()
+        path.write_text(good + "\n[services.broken]\nlisten = 5\n")
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_event("reload rejected")
+        assert any("reload: " in e and "services.broken" in e for e in proxy.events)
+        # A service added on a new "any port" address: bound once by the supervisor, so
+        # every worker serves the same port.
+        workers_config(
+            path,
+            service(f'"{backend.address}"') + service(f'"{backend.address}"', name="extra"),
+        )
+        proxy.signal(signal.SIGHUP)
+        for pid in pids.values():
+            proxy.wait_for_event(f"pid {pid}] reloaded")
+        assert sum("reloaded" in e for e in proxy.events) == 2
+        wait_for(lambda: len(proxy.listening.get("extra", [])) == 2, "both workers on extra")
+        assert len(set(proxy.listening["extra"])) == 1
+        count = 40
+        for i in range(count):
+            assert exchange(proxy.address("extra"), b"%d" % i) == b"%d" % i
+        records = proxy.access_records(count)
+        assert len({r["session"].split("-")[0] for r in records if r["service"] == "extra"}) == 2
+        assert proxy.stop() == 0
+
+
+def test_admin_actions_reach_every_worker(supervised, tmp_path):
+    with echo_server() as first, echo_server() as second:
+        backends = f'{{ address = "{first.address}", name = "a" }}, ' + (
+            f'{{ address = "{second.address}", name = "b" }}'
+        )
+        proxy = supervised(workers_config(tmp_path / "t.toml", service(backends)))
+        url = admin_url(proxy)
+        request = urllib.request.Request(url + "/backends/main/a/disable", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+        count = 40
+        for _ in range(count):
+            assert exchange(proxy.address("main"), b"q") == b"q"
+        records = proxy.access_records(count)
+        assert {r["backend"] for r in records} == {"b"}
+        assert len({r["session"].split("-")[0] for r in records}) == 2
+        backend_a = get_json(url + "/status")["services"][0]["backends"][0]
+        assert backend_a["admin_state"] == "disabled"
+        assert proxy.stop() == 0
+
+
+def test_health_checks_run_once_not_once_per_worker(supervised, tmp_path):
+    interval = 0.2
+    window = 3.0
+    with echo_server() as checked, refused_port() as dead:
+        backends = (
+            f'{{ address = "{dead}", name = "dead", health = {{ check = "tcp", '
+            f'interval = "{interval}s" }} }}, '
+            f'{{ address = "{checked.address}", name = "live", health = {{ check = "tcp", '
+            f'interval = "{interval}s" }} }}'
+        )
+        proxy = supervised(workers_config(tmp_path / "t.toml", service(backends)))
+        url = admin_url(proxy)
+        time.sleep(1.0)
+        before = checked.accepted
+        time.sleep(window)
+        checks = checked.accepted - before
+        print(f"{checks} checks of one backend in {window}s at {interval}s with 2 workers")
+        # One checker: window / interval (jitter 0.9-1.1); two would make about twice that.
+        assert window / interval * 0.6 <= checks <= window / interval * 1.3
+        # Worker 1 never checked "dead" itself, yet both workers know it is down.
+        status = get_json(url + "/status")
+        assert status["services"][0]["backends"][0]["health"] == "down"
+        count = 30
+        for _ in range(count):
+            assert exchange(proxy.address("main"), b"h") == b"h"
+        records = proxy.access_records(count)
+        assert len({r["session"].split("-")[0] for r in records}) == 2
+        assert all(failed_attempts(r) == [] for r in records)
+        assert proxy.stop() == 0
+
+
+def test_systemd_sees_the_supervisor_alone_with_shared_inherited_sockets(run_tcpfwd, tmp_path):
+    from test_operations import NotifyRecorder  # noqa: PLC0415 - the one recorder
+
+    recorder = NotifyRecorder(tmp_path / "notify.sock")
+    pid_file = tmp_path / "tcpfwd.pid"
+    proxy = None
+    try:
+        with echo_server() as backend, socket.socket() as listening:
+            listening.bind(("127.0.0.1", 0))
+            listening.listen(128)
+            port = listening.getsockname()[1]
+            path = workers_config(
+                tmp_path / "t.toml",
+                f'[services.main]\nlisten = ["127.0.0.1:{port}"]\n'
+                f'backends = ["{backend.address}"]\n',
+                extra=f'pid_file = "{pid_file}"',
+            )
+            proxy = run_tcpfwd(
+                "run",
+                "--config",
+                str(path),
+                wait_ready=False,
+                env={"NOTIFY_SOCKET": str(recorder.path), "WATCHDOG_USEC": "400000"},
+                **socket_activation(listening),
+            )
+            ready = recorder.wait_for("READY", 20)
+            assert ready["MAINPID"] == str(proxy.pid)
+            proxy.wait_for_event("workers serving")
+            assert int(pid_file.read_text()) == proxy.pid
+            pids = worker_pids(proxy)
+            # Both workers accept on the one socket systemd passed.
+            assert proxy.listening["main"] == [("127.0.0.1", port)] * 2
+            for i in range(10):
+                assert exchange(("127.0.0.1", port), b"%d" % i) == b"%d" % i
+            result = run_command("reload", "--config", str(path))
+            assert result.returncode == 0, result.stderr
+            for pid in pids.values():
+                proxy.wait_for_event(f"pid {pid}] reloaded")
+            recorder.wait_for("RELOADING")
+            assert recorder.wait_for("WATCHDOG")["WATCHDOG"] == "1"
+            assert proxy.stop() == 0
+            assert recorder.wait_for("STOPPING")["STOPPING"] == "1"
+            with contextlib.suppress(AssertionError):
+                recorder.wait_for("never", 0.5)
+            # Workers have no NOTIFY_SOCKET: every message came from the supervisor.
+            assert {m.get("MAINPID", str(proxy.pid)) for m in recorder.messages} == {str(proxy.pid)}
+            assert not pid_file.exists()
+    finally:
+        recorder.close()
+        if proxy is not None:
+            for pid in worker_pids(proxy).values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_stop_when_the_supervisor_dies(supervised, tmp_path):
+    with echo_server() as backend:
+        proxy = supervised(workers_config(tmp_path / "t.toml", service(f'"{backend.address}"')))
+        pids = worker_pids(proxy)
+        proxy.kill()
+        # Their stderr is still the test's pipe: read on after the supervisor is gone.
+        for pid in pids.values():
+            wanted = f"pid {pid}] supervisor gone received: stopping"
+            wait_for(lambda w=wanted: any(w in e for e in proxy.events), wanted)
+        wait_for(lambda: not any(alive(pid) for pid in pids.values()), "workers gone")
+        # The last one out removed the runtime folder the supervisor could not.
+        runtime = Path(tempfile.gettempdir())
+        assert not any(
+            str(pid) in p.read_text()
+            for p in runtime.glob("tcpfwd-workers-*/worker-*.json")
+            for pid in pids.values()
+        )
+
+
+def test_a_port_in_use_fails_the_start_with_workers(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        path = workers_config(
+            tmp_path / "t.toml",
+            f'[services.main]\nlisten = ["127.0.0.1:{port}"]\nbackends = ["127.0.0.1:1"]\n',
+        )
+        result = run_command("run", "--config", str(path))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "worker" not in result.stderr
+
+
+def test_changing_the_worker_count_needs_a_restart(run_tcpfwd, tmp_path):
+    with echo_server() as backend:
+        path = workers_config(tmp_path / "t.toml", service(f'"{backend.address}"'), workers="1")
+        proxy = run_tcpfwd("run", "--config", str(path))
+        workers_config(path, service(f'"{backend.address}"'), workers="2")
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_event("workers = 2 needs a restart; still 1")
+        assert exchange(proxy.address("main"), b"z") == b"z"
+        assert not worker_pids(proxy)
+        assert proxy.stop() == 0
+
+
+def test_sigusr1_reopens_the_log_files_of_every_worker(supervised, tmp_path):
+    access_log = tmp_path / "access.log"
+    with echo_server() as backend:
+        path = workers_config(
+            tmp_path / "t.toml",
+            service(f'"{backend.address}"'),
+            extra=f'access_log = "{access_log}"',
+        )
+        proxy = supervised(path)
+        pids = worker_pids(proxy)
+        access_log.rename(tmp_path / "access.log.1")
+        proxy.signal(signal.SIGUSR1)
+        for pid in pids.values():
+            proxy.wait_for_event(f"pid {pid}] SIGUSR1 received: reopened 1 log files")
+        proxy.wait_for_event("passed on to the workers")
+        count = 30
+        for _ in range(count):
+            assert exchange(proxy.address("main"), b"l") == b"l"
+        wait_for(lambda: len(access_log.read_text().splitlines()) == count, "access lines")
+        prefixes = {line.split()[1].split("-")[0] for line in access_log.read_text().splitlines()}
+        assert len(prefixes) == 2
+        assert proxy.stop() == 0
