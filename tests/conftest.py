@@ -47,7 +47,8 @@ def run_tcpfwd(request: pytest.FixtureRequest) -> Iterator[Callable[..., Tcpfwd]
     yield start
     for process in started:
         process.kill()
-    if relay is not None:
+    # At the descriptor limit the splice relay rightly declines (copying instead).
+    if relay is not None and request.node.get_closest_marker("relay_fallback_allowed") is None:
         for process in started:
             for line in process.access:
                 used = _relay_used(line)

@@ -97,6 +97,7 @@ def test_permission_denied_on_a_privileged_port_exits_one(run_tcpfwd):
 
 
 @each_relay
+@pytest.mark.relay_fallback_allowed
 def test_at_the_descriptor_limit_clients_wait_in_the_queue_and_are_served_later(run_tcpfwd):
     with echo_server() as backend:
         proxy = run_tcpfwd(

@@ -225,3 +225,31 @@ async def test_held_bytes_that_take_several_writes_still_go_first():
     assert received == early + late
     assert end == "client_closed"
     assert relay.bytes_from_client == len(early) + len(late)
+
+
+@pytest.mark.skipif(not SPLICE_AVAILABLE, reason="splice(2) is Linux-only")
+def test_idle_spliced_sessions_hold_no_pipes(run_tcpfwd):
+    """A direction takes a pipe only while bytes are in flight: idle sessions keep just
+    their two sockets, so splicing costs no session capacity."""
+    with echo_server() as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", backend.address, "--relay", "splice")
+        address = proxy.address()
+        assert exchange(address, b"warm up") == b"warm up"
+        proxy.access_records(1)
+        baseline = open_descriptors(proxy.pid)
+        clients = []
+        for _ in range(50):
+            client = connect(address)
+            client.sendall(os.urandom(100_000))
+            clients.append(client)
+        for client in clients:
+            recv_exactly(client, 100_000)
+        # Everything echoed: every session is idle now, holding its two sockets only
+        # (the pool may keep a few empty pipes for the next busy moment).
+        held = open_descriptors(proxy.pid) - baseline
+        # Pipes held per session would make it 6 each: 300 and more.
+        assert held <= 2 * 50 + 2 * PIPE_POOL_MAX, f"{held} descriptors for 50 idle sessions"
+        for client in clients:
+            client.close()
+        records = proxy.access_records(51)
+        assert all(r["relay"] == "splice" for r in records[1:])

@@ -104,9 +104,19 @@ def _reserve(limit: int) -> int:
     return 32 + limit // 20
 
 
+def pipe_budget(limit: int) -> int:
+    """How many pipes the splice relay may have open at once (in use or idle).
+
+    A pipe is held only while its direction has bytes in flight, so this bounds the
+    busy directions spliced at the same moment; beyond it, chunks are copied. A 64th of
+    the descriptors keeps idle sessions' capacity close to the copy relay's.
+    """
+    return limit // 64
+
+
 def pipes_to_keep(limit: int) -> int:
     """How many idle pipes the splice relay may keep: none when descriptors are scarce."""
-    return min(PIPE_POOL_MAX, limit // 256)
+    return min(PIPE_POOL_MAX, limit // 256, pipe_budget(limit))
 
 
 def session_capacity(limit: int, per_session: int = 2, held: int = 0) -> int:
@@ -174,8 +184,10 @@ class Server:
         self.access_log = AccessLog(config.log_format)
         self._fd_limit = raise_descriptor_limit()
         # One pool for every service: a pipe is a pipe, whichever service ended with it.
-        keep = pipes_to_keep(self._fd_limit) if splice_available() else 0
-        self.pipes = PipePool(keep=keep)
+        spliceable = splice_available()
+        keep = pipes_to_keep(self._fd_limit) if spliceable else 0
+        budget = pipe_budget(self._fd_limit) if spliceable else 0
+        self.pipes = PipePool(keep=keep, limit=budget)
         self.daemon = DaemonState(self.access_log, self.pipes)
         # The one place backend health lives, keyed by (service, backend name): read by
         # the status page and metrics, and kept across reloads for unchanged backends.
@@ -211,7 +223,9 @@ class Server:
     def _capacity_for(self, config: Config) -> int:
         spliced = any(choose_relay(s.settings.relay) == RELAY_SPLICE for s in config.services)
         per_session = DESCRIPTORS_PER_SESSION if spliced else 2
-        return session_capacity(self._fd_limit, per_session, held=2 * self.pipes.keep)
+        # Every pipe the pool may open holds two descriptors, whichever session uses it.
+        pipes = self.pipes.limit if self.pipes.limit is not None else self.pipes.keep
+        return session_capacity(self._fd_limit, per_session, held=2 * pipes if spliced else 0)
 
     # --- listening sockets -----------------------------------------------------------
 

@@ -58,8 +58,10 @@ PIPE_SIZE: Final = 256 << 10
 # Past that quota the kernel makes new pipes 8 KiB: too small to beat copying, so a
 # session that would get one is copied instead.
 MIN_PIPE_SIZE: Final = 64 << 10
-# Sockets (2) and two pipes of two ends each: what one spliced session holds.
-DESCRIPTORS_PER_SESSION: Final = 6
+# What one spliced session holds for its whole life: its two sockets. A direction takes a
+# pipe from the pool only while it has bytes to move and gives it back once the pipe has
+# drained, so idle sessions hold no pipe and the pipes in use are bounded by the pool.
+DESCRIPTORS_PER_SESSION: Final = 2
 # Empty pipes kept for the next sessions, saving four syscalls per pipe per session
 # (and the kernel's setup and teardown of a 256 KiB pipe). Each spliced session takes
 # two, so this serves 32 concurrent sessions from the pool: with 16, a short-connection
@@ -215,17 +217,28 @@ class PipeTooSmall(OSError):
     """The kernel gave a pipe too small to be worth splicing through."""
 
 
-class PipePool:
-    """Pipes shared by all sessions; only empty pipes are kept, at most ``keep`` of them."""
+class PipeBudgetSpent(OSError):
+    """Every pipe the pool may have open is in use: copy this chunk instead."""
 
-    __slots__ = ("_idle", "_poller", "_warned", "keep", "min_size", "size")
+
+class PipePool:
+    """Pipes shared by all sessions: at most ``limit`` open at once (in use or idle), of
+    which at most ``keep`` idle ones are kept; only empty pipes are ever kept."""
+
+    __slots__ = ("_idle", "_open", "_poller", "_warned", "keep", "limit", "min_size", "size")
 
     def __init__(
-        self, keep: int = PIPE_POOL_MAX, size: int = PIPE_SIZE, min_size: int = MIN_PIPE_SIZE
+        self,
+        keep: int = PIPE_POOL_MAX,
+        size: int = PIPE_SIZE,
+        min_size: int = MIN_PIPE_SIZE,
+        limit: int | None = None,
     ) -> None:
         self.keep = keep
+        self.limit = limit
         self.size = size
         self.min_size = min_size
+        self._open = 0
         self._idle: list[Pipe] = []
         self._warned = False
         self._poller: Poller | None = None
@@ -251,6 +264,8 @@ class PipePool:
         """
         if self._idle:
             return self._idle.pop()
+        if self.limit is not None and self._open >= self.limit:
+            raise PipeBudgetSpent(errno.EMFILE, "every pipe of the pool is in use")
         pipe = Pipe(self.size)
         if pipe.size < self.min_size:
             pipe.close()
@@ -262,6 +277,7 @@ class PipePool:
                     pipe.size,
                 )
             raise PipeTooSmall(errno.ENOBUFS, "pipe too small to splice through")
+        self._open += 1
         return pipe
 
     def release(self, pipe: Pipe) -> None:
@@ -271,10 +287,12 @@ class PipePool:
             self._idle.append(pipe)
         else:
             pipe.close()
+            self._open -= 1
 
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
+            self._open -= 1
         if self._poller is not None:
             self._poller.close()
             self._poller = None
@@ -296,14 +314,13 @@ class _Direction:
         "watching",
     )
 
-    def __init__(
-        self, source: Endpoint, destination: Endpoint, src: int, dst: int, pipe: Pipe
-    ) -> None:
+    def __init__(self, source: Endpoint, destination: Endpoint, src: int, dst: int) -> None:
         self.source = source
         self.destination = destination
         self.src = src
         self.dst = dst
-        self.pipe = pipe
+        # Held only while there are bytes to move (see DESCRIPTORS_PER_SESSION).
+        self.pipe: Pipe | None = None
         # What the source's endpoint held before the relay started: sent first, in order.
         self.prefix = memoryview(b"")
         self.eof = False
@@ -329,7 +346,6 @@ class SpliceRelay(BaseRelay):
         client: Endpoint,
         backend: Endpoint,
         sockets: tuple[socket.socket, socket.socket],
-        pipes: tuple[Pipe, Pipe],
         pool: PipePool,
         *,
         idle_timeout: float | None = None,
@@ -340,8 +356,8 @@ class SpliceRelay(BaseRelay):
         self._closed = False
         client_fd, backend_fd = sockets[0].fileno(), sockets[1].fileno()
         self._directions = (
-            _Direction(client, backend, client_fd, backend_fd, pipes[0]),
-            _Direction(backend, client, backend_fd, client_fd, pipes[1]),
+            _Direction(client, backend, client_fd, backend_fd),
+            _Direction(backend, client, backend_fd, client_fd),
         )
         self._poller = pool.poller()
         for direction in self._directions:
@@ -400,7 +416,6 @@ class SpliceRelay(BaseRelay):
         if self._closed:
             # A readiness callback already queued when the other direction ended it all.
             return
-        pipe = direction.pipe
         failing = direction.destination
         try:
             for _ in range(ROUNDS_PER_WAKEUP):
@@ -411,7 +426,8 @@ class SpliceRelay(BaseRelay):
                     if direction.prefix:
                         self._watch(direction, _WRITING)
                         return
-                if pipe.pending:
+                pipe = direction.pipe
+                if pipe is not None and pipe.pending:
                     pipe.pending -= os.splice(
                         pipe.read_fd, direction.dst, pipe.pending, flags=_SPLICE_FLAGS
                     )
@@ -423,6 +439,19 @@ class SpliceRelay(BaseRelay):
                     self._end_direction(direction)
                     return
                 failing = direction.source
+                if pipe is None:
+                    pipe = direction.pipe = self._pipe()
+                if pipe is None:
+                    # No pipe to be had: this chunk goes through user space, as the copy
+                    # relay would move it (bounded the same way: one read per turn).
+                    data = os.read(direction.src, PIPE_SIZE)
+                    if not data:
+                        direction.eof = True
+                        self._closed_by(direction.source)
+                        continue
+                    direction.source.received += len(data)
+                    direction.prefix = memoryview(data)
+                    continue
                 moved = os.splice(direction.src, pipe.write_fd, pipe.size, flags=_SPLICE_FLAGS)
                 if moved == 0:
                     direction.eof = True
@@ -435,7 +464,24 @@ class SpliceRelay(BaseRelay):
         except OSError as error:
             self._failed(failing, error)
             return
-        self._watch(direction, _WRITING if direction.prefix or pipe.pending else _READING)
+        self._park(direction)
+
+    def _pipe(self) -> Pipe | None:
+        try:
+            return self._pool.acquire()
+        except OSError:
+            return None
+
+    def _park(self, direction: _Direction) -> None:
+        """Wait for what this direction needs next; an empty pipe goes back to the pool."""
+        pipe = direction.pipe
+        if direction.prefix or (pipe is not None and pipe.pending):
+            self._watch(direction, _WRITING)
+            return
+        if pipe is not None:
+            direction.pipe = None
+            self._pool.release(pipe)
+        self._watch(direction, _READING)
 
     def _watch(self, direction: _Direction, want: int) -> None:
         # Registrations change only when the state does: in a steady stream the source
@@ -457,6 +503,9 @@ class SpliceRelay(BaseRelay):
         """The source sent EOF and the pipe is empty: pass the half-close on."""
         self._watch(direction, _IDLE)
         direction.finished = True
+        if direction.pipe is not None:
+            self._pool.release(direction.pipe)
+            direction.pipe = None
         destination = self._socket_of(direction.destination)
         try:
             destination.shutdown(socket.SHUT_WR)
@@ -484,7 +533,9 @@ class SpliceRelay(BaseRelay):
         self._closed = True
         for direction in self._directions:
             self._watch(direction, _IDLE)
-            self._pool.release(direction.pipe)
+            if direction.pipe is not None:
+                self._pool.release(direction.pipe)
+                direction.pipe = None
         for sock in self._sockets:
             self._poller.forget(sock.fileno())
             sock.close()
@@ -502,9 +553,10 @@ def take_over(
 
     Declines, leaving everything as it was, when an endpoint is already lost (the copy
     relay reports that), when a transport still has bytes to write (they must go first,
-    and only the transport can send them), when no descriptor is left for the pipes and
-    duplicates (a session is worth more than its speed), or when the pipes would be too
-    small to be faster than copying.
+    and only the transport can send them), or when no descriptor is left for the
+    duplicates (a session is worth more than its speed). Pipes are taken per chunk: a
+    direction that cannot get one (the pool's budget spent, the kernel's pipes too small
+    to be faster) copies that chunk instead.
     """
     endpoints = (client, backend)
     fds: list[int] = []
@@ -518,11 +570,8 @@ def take_over(
             return None
         fds.append(sock.fileno())
         families.append(sock.family)
-    pipes: list[Pipe] = []
     sockets: list[socket.socket] = []
     try:
-        for _ in endpoints:
-            pipes.append(pool.acquire())
         for fd, family in zip(fds, families, strict=True):
             duplicate = os.dup(fd)
             try:
@@ -532,12 +581,10 @@ def take_over(
                 os.close(duplicate)
                 raise
     except OSError as error:
-        # Out of descriptors or pipe quota: expected under load, and the copy relay
-        # serves the session. Anything else is worth a word.
-        if not isinstance(error, PipeTooSmall) and error.errno not in _SHORTAGE:
+        # Out of descriptors: expected under load, and the copy relay serves the
+        # session. Anything else is worth a word.
+        if error.errno not in _SHORTAGE:
             log.warning("splice relay unavailable for a session: %s", error)
-        for pipe in pipes:
-            pool.release(pipe)
         for sock in sockets:
             sock.close()
         return None
@@ -545,7 +592,6 @@ def take_over(
         client,
         backend,
         (sockets[0], sockets[1]),
-        (pipes[0], pipes[1]),
         pool,
         idle_timeout=idle_timeout,
     )
