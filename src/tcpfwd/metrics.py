@@ -94,6 +94,19 @@ class ServiceStats:
         return stats
 
 
+def service_summary(stats: ServiceStats) -> dict[str, Any]:
+    """A service's counters as /status shows them (one worker's, or all summed)."""
+    return {
+        "active": stats.active,
+        "sessions_total": sum(stats.ends.values()),
+        "ends": dict(stats.ends),
+        "rejected": dict(stats.rejected),
+        "rejected_total": sum(stats.rejected.values()),
+        "bytes_from_client": stats.bytes_from_client,
+        "bytes_from_backend": stats.bytes_from_backend,
+    }
+
+
 class BackendView(Protocol):
     """What the exposition needs to know of a backend right now."""
 

@@ -37,6 +37,7 @@ from .config import Address, Config, ConfigError
 from .dialer import OUTCOME_OK
 from .health import HealthTable
 from .listener import Listener, ListenError, open_listening_sockets
+from .metrics import service_summary
 from .monitor import HealthKey, HealthMonitor
 from .resolver import Resolver
 from .session import (
@@ -524,13 +525,7 @@ class Server:
                         if self._listener_service.get(listener) is runtime
                     ],
                     "policy": runtime.settings.policy,
-                    "active": stats.active,
-                    "sessions_total": sum(stats.ends.values()),
-                    "ends": dict(stats.ends),
-                    "rejected": dict(stats.rejected),
-                    "rejected_total": sum(stats.rejected.values()),
-                    "bytes_from_client": stats.bytes_from_client,
-                    "bytes_from_backend": stats.bytes_from_backend,
+                    **service_summary(stats),
                     "backends": backends,
                 }
             )

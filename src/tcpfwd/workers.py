@@ -45,7 +45,7 @@ from . import __version__
 from .accesslog import reopen_log_files
 from .config import Address, Config, ConfigError
 from .listener import ListenError, open_listening_sockets
-from .metrics import ServiceStats, add_stats, stats_to_dict
+from .metrics import ServiceStats, add_stats, service_summary, stats_to_dict
 from .server import (
     ListenKey,
     Server,
@@ -765,13 +765,7 @@ class Supervisor:
                     "name": service.name,
                     "listen": listening.get(service.name, []),
                     "policy": service.settings.policy,
-                    "active": stats.active,
-                    "sessions_total": sum(stats.ends.values()),
-                    "ends": dict(stats.ends),
-                    "rejected": dict(stats.rejected),
-                    "rejected_total": sum(stats.rejected.values()),
-                    "bytes_from_client": stats.bytes_from_client,
-                    "bytes_from_backend": stats.bytes_from_backend,
+                    **service_summary(stats),
                     "backends": backends,
                 }
             )
