@@ -707,18 +707,24 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+def write_pid_file(path: str | None) -> None:
+    """Write this process's pid to ``path`` (if set); ListenError when it cannot."""
+    if not path:
+        return
+    try:
+        with open(path, "w") as stream:
+            stream.write(f"{os.getpid()}\n")
+    except OSError as error:
+        raise ListenError(f"cannot write pid file {path}: {error.strerror}") from None
+
+
 def run(config: Config, *, reload_config: Callable[[], Config] | None = None) -> None:
     """Bind, drop privileges, serve until stopped; ListenError escapes before serving."""
     server = Server(config, reload_config=reload_config)
     server.bind()
     pid_file = config.pid_file
-    if pid_file:
-        # Written before dropping privileges, as its folder is usually root's.
-        try:
-            with open(pid_file, "w") as stream:
-                stream.write(f"{os.getpid()}\n")
-        except OSError as error:
-            raise ListenError(f"cannot write pid file {pid_file}: {error.strerror}") from None
+    # Written before dropping privileges, as its folder is usually root's.
+    write_pid_file(pid_file)
     drop_privileges(config.user, config.group)
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:

@@ -55,6 +55,7 @@ from .server import (
     drop_privileges,
     listen_key,
     new_event_loop,
+    write_pid_file,
 )
 from .session import ADMIN_ENABLED, BackendView
 from .systemd import Notifier, inherited_sockets
@@ -839,12 +840,7 @@ def supervise(
     try:
         supervisor.bind()
         pid_file = config.pid_file
-        if pid_file:
-            try:
-                with open(pid_file, "w") as stream:
-                    stream.write(f"{os.getpid()}\n")
-            except OSError as error:
-                raise ListenError(f"cannot write pid file {pid_file}: {error.strerror}") from None
+        write_pid_file(pid_file)
         try:
             drop_privileges(config.user, config.group)
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
