@@ -10,6 +10,13 @@ import pytest
 
 from support import Tcpfwd, parse_logfmt
 
+# Child processes (``python -m tcpfwd``, workers, benchmarks) run this checkout's code,
+# whatever copy of the package is installed: a second work tree tests its own changes.
+_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_SOURCE, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
+
 SPLICE_AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
 RELAYS = [
     "copy",
