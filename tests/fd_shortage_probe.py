@@ -13,6 +13,7 @@ import time
 
 from tcpfwd.config import Address
 from tcpfwd.listener import Listener, open_listening_sockets
+from tcpfwd.reactor import Reactor
 from tcpfwd.server import new_event_loop
 
 QUEUED = 10
@@ -22,6 +23,7 @@ async def main() -> None:
     (sock,) = open_listening_sockets(Address("127.0.0.1", 0), 128)
     accepted: list[socket.socket] = []
     listener = Listener(sock, lambda _listener, conn, _peer: accepted.append(conn))
+    reactor = Reactor(asyncio.get_running_loop())
     clients = [socket.create_connection(sock.getsockname()) for _ in range(QUEUED)]
     hog: list[int] = []
     while True:
@@ -29,7 +31,7 @@ async def main() -> None:
             hog.append(os.dup(0))
         except OSError:
             break
-    listener.start()
+    listener.start(reactor)
     started = time.process_time()
     await asyncio.sleep(1.0)
     starved_cpu = time.process_time() - started

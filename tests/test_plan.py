@@ -9,7 +9,7 @@ from tcpfwd.config import parse_config
 from tcpfwd.health import HealthState, HealthTable
 from tcpfwd.monitor import HealthKey, HealthMonitor
 from tcpfwd.resolver import Resolver
-from tcpfwd.session import DaemonState, ServiceRuntime
+from tcpfwd.service import DaemonState, ServiceRuntime
 
 
 def runtime(backends: list[Any], **settings: Any) -> tuple[ServiceRuntime, HealthTable[HealthKey]]:
@@ -22,7 +22,7 @@ def runtime(backends: list[Any], **settings: Any) -> tuple[ServiceRuntime, Healt
 
 
 def names(service: ServiceRuntime, client: str = "192.0.2.1") -> list[str]:
-    return [b.name for b in service.plan((client, 40000))]
+    return [b.name for b in service.plan(client)]
 
 
 def backend(name: str, **extra: Any) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def test_configured_order_while_all_are_up():
 
 def test_a_failed_backend_moves_to_the_tail_and_a_success_brings_it_back():
     service, table = runtime([backend("a"), backend("b")])
-    a = service.config.backends[0]
+    a = service.targets[0]
     service.failed(a, "refused")
     assert names(service) == ["b", "a"]
     health = table.get(("mail", "a"))
@@ -47,7 +47,7 @@ def test_a_failed_backend_moves_to_the_tail_and_a_success_brings_it_back():
 
 def test_fall_counts_consecutive_failures():
     service, _ = runtime([backend("a"), backend("b")], health={"fall": 3})
-    a = service.config.backends[0]
+    a = service.targets[0]
     for _ in range(2):
         service.failed(a, "timeout")
     assert names(service) == ["a", "b"]
@@ -57,7 +57,7 @@ def test_fall_counts_consecutive_failures():
 
 def test_without_passive_health_failures_change_nothing():
     service, table = runtime([backend("a"), backend("b")], health={"passive": False})
-    service.failed(service.config.backends[0], "refused")
+    service.failed(service.targets[0], "refused")
     assert names(service) == ["a", "b"]
     # Neither passive nor active: nothing is tracked at all.
     assert len(table) == 0
@@ -65,7 +65,7 @@ def test_without_passive_health_failures_change_nothing():
 
 def test_every_backend_down_still_gives_the_whole_list_in_order():
     service, _ = runtime([backend("a"), backend("b"), backend("c")])
-    for each in reversed(service.config.backends):
+    for each in reversed(service.targets):
         service.failed(each, "refused")
     assert names(service) == ["a", "b", "c"]
 
@@ -82,7 +82,7 @@ def test_tiers_come_in_order_whatever_the_list_order():
 
 def test_a_full_backend_is_left_out_until_a_slot_is_released():
     service, _ = runtime([backend("a", max_connections=2), backend("b")])
-    a = service.config.backends[0]
+    a = service.targets[0]
     assert service.acquire(a) and service.acquire(a)
     assert not service.acquire(a)
     assert names(service) == ["b"]
@@ -92,7 +92,7 @@ def test_a_full_backend_is_left_out_until_a_slot_is_released():
 
 def test_least_connections_follows_live_sessions():
     service, _ = runtime([backend("a"), backend("b"), backend("c")], policy="least-connections")
-    a, b, _c = service.config.backends
+    a, b, _c = service.targets
     service.acquire(a)
     service.acquire(a)
     service.acquire(b)
@@ -110,7 +110,7 @@ def test_source_hash_keeps_a_client_on_one_backend():
 def test_health_state_lives_in_one_table_keyed_by_service_and_backend():
     service, table = runtime([backend("a"), backend("b")], health={"check": "tcp"})
     assert sorted(key for key, _ in table.items()) == [("mail", "a"), ("mail", "b")]
-    service.failed(service.config.backends[1], "refused")
+    service.failed(service.targets[1], "refused")
     snapshot = {tuple(entry["key"]): entry for entry in table.snapshot()}
     assert snapshot[("mail", "b")]["state"] == "down"
     assert snapshot[("mail", "b")]["last_reason"] == "refused"

@@ -17,13 +17,22 @@ import logging
 import logging.handlers
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO, cast
 
-from .dialer import OUTCOME_OK, Attempt
-
 ACCESS_LOGGER = "tcpfwd.access"
 EVENT_LOGGER = "tcpfwd"
+
+
+@dataclass(slots=True)
+class AttemptResult:
+    """One attempt to reach a backend, as the log tells it."""
+
+    backend: str
+    address: str
+    outcome: str
+    elapsed: float
 
 
 @dataclass(slots=True)
@@ -33,14 +42,18 @@ class SessionRecord:
     client: str
     listener: str
     service: str
-    attempts: list[Attempt] = field(default_factory=list)
+    # The attempts that failed, in the order they were made.
+    failed: list[AttemptResult] = field(default_factory=list)
     backend: str | None = None
     backend_address: str | None = None
     local_address: str | None = None
+    # How long the attempt that succeeded took by itself.
+    attempt_time: float = 0.0
+    # From the first attempt to the backend the session used.
     connect_time: float | None = None
     # Hold mode: how long the client was kept waiting for a backend (None: not held).
     held: float | None = None
-    # Attempts left out of ``attempts`` to keep the line short (a long hold).
+    # Attempts left out of ``failed`` to keep the line short (a long hold).
     attempts_omitted: int = 0
     from_client: int = 0
     from_backend: int = 0
@@ -50,6 +63,14 @@ class SessionRecord:
     end: str = ""
     # The peer that connected, when a trusted PROXY header named another client.
     via: str | None = None
+
+    @property
+    def attempts(self) -> list[AttemptResult]:
+        """Every attempt in order, the one that succeeded last."""
+        if self.backend is None:
+            return list(self.failed)
+        ok = AttemptResult(self.backend, self.backend_address or "?", "ok", self.attempt_time)
+        return [*self.failed, ok]
 
 
 # gmtime + strftime cost more than the rest of a session line, and most lines share
@@ -67,7 +88,7 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}ms"
 
 
-def _attempt_target(attempt: Attempt) -> str:
+def _attempt_target(attempt: AttemptResult) -> str:
     if attempt.backend == attempt.address:
         return attempt.address
     return f"{attempt.backend}/{attempt.address}"
@@ -76,18 +97,14 @@ def _attempt_target(attempt: Attempt) -> str:
 def format_text(record: SessionRecord) -> str:
     # One f-string: this runs for every session, and the parts-and-join form it replaces
     # cost a list and seventeen strings more.
-    attempts = record.attempts
-    if len(attempts) == 1 and attempts[0].outcome == OUTCOME_OK and not record.attempts_omitted:
+    failed = record.failed
+    if not failed and not record.attempts_omitted:
         tried = "-"
     else:
-        tried = ",".join(
-            f"{_attempt_target(a)}/{a.outcome}/{_ms(a.elapsed)}"
-            for a in attempts
-            if a.outcome != OUTCOME_OK
-        )
+        tried = ",".join(f"{_attempt_target(a)}/{a.outcome}/{_ms(a.elapsed)}" for a in failed)
         if record.attempts_omitted:
             tried += f",+{record.attempts_omitted}"
-        tried = tried or "-"
+        tried = tried.lstrip(",") or "-"
     connect = "-" if record.connect_time is None else f"{record.connect_time * 1000:.1f}ms"
     held = "-" if record.held is None else f"{record.held:.3f}s"
     return (
@@ -134,46 +151,87 @@ def format_json(record: SessionRecord) -> str:
 
 
 class AccessLog:
+    """Writes one line per session.
+
+    The usual setup (one stream or file handler of ours, nothing else listening) gets
+    the lines written directly: the logging module's record, filters and formatter
+    would produce exactly these bytes at several times the cost. Where a ``defer``
+    is given (the data plane's once-per-batch hook), lines are gathered and written
+    together once the batch of events that ended their sessions has been handled:
+    one write for many sessions. Any other setup (syslog, a handler added by an
+    embedding program or a test) takes the logging path, line by line.
+    """
+
     def __init__(self, log_format: str = "text") -> None:
         self._logger = logging.getLogger(ACCESS_LOGGER)
+        self._lines: list[str] = []
+        self._defer: Callable[[Callable[[], None]], None] | None = None
         self.set_format(log_format)
 
     def set_format(self, log_format: str) -> None:
         self._format = format_json if log_format == "json" else format_text
+
+    def batch_with(self, defer: Callable[[Callable[[], None]], None] | None) -> None:
+        self.flush()
+        self._defer = defer
+
+    def _direct_handler(self) -> logging.StreamHandler[TextIO] | None:
+        logger = self._logger
+        handlers = logger.handlers
+        if len(handlers) != 1 or logger.filters:
+            return None
+        handler = handlers[0]
+        if (
+            handler.__class__ in _DIRECT_HANDLERS
+            and handler.formatter is _MESSAGE_ONLY
+            and not handler.filters
+            and handler.level <= logging.INFO
+        ):
+            direct = cast(logging.StreamHandler[TextIO], handler)
+            if direct.stream is not None:
+                return direct
+        return None
 
     def emit(self, record: SessionRecord) -> None:
         logger = self._logger
         if not logger.isEnabledFor(logging.INFO):
             return
         line = self._format(record)
-        # The usual setup (one stream or file handler of ours, nothing else listening)
-        # gets the line written directly: the logging module's record, filters and
-        # formatter would produce exactly these bytes at several times the cost. Any
-        # other setup (syslog, a handler added by an embedding program or a test) takes
-        # the logging path.
-        handlers = logger.handlers
-        if len(handlers) == 1 and not logger.filters:
-            handler = handlers[0]
-            if (
-                handler.__class__ in _DIRECT_HANDLERS
-                and handler.formatter is _MESSAGE_ONLY
-                and not handler.filters
-                and handler.level <= logging.INFO
-            ):
-                direct = cast(logging.StreamHandler[TextIO], handler)
-                stream = direct.stream
-                if stream is not None:
-                    handler.acquire()
-                    try:
-                        stream.write(line + direct.terminator)
-                        stream.flush()
-                        return
-                    except Exception:
-                        # A failing stream: let the logging path report it its own way.
-                        pass
-                    finally:
-                        handler.release()
-        logger.info(line)
+        defer = self._defer
+        if defer is not None and self._direct_handler() is not None:
+            lines = self._lines
+            lines.append(line)
+            if len(lines) == 1:
+                defer(self.flush)
+            return
+        if not self._write(line):
+            logger.info(line)
+
+    def flush(self) -> None:
+        lines = self._lines
+        if not lines:
+            return
+        self._lines = []
+        handler = self._direct_handler()
+        terminator = handler.terminator if handler is not None else "\n"
+        if handler is None or not self._write(terminator.join(lines), handler):
+            for line in lines:
+                self._logger.info(line)
+
+    def _write(self, text: str, handler: logging.StreamHandler[TextIO] | None = None) -> bool:
+        handler = handler or self._direct_handler()
+        if handler is None:
+            return False
+        handler.acquire()
+        try:
+            handler.stream.write(text + handler.terminator)
+            handler.stream.flush()
+            return True
+        except Exception:
+            # A failing stream: let the logging path report it its own way.
+            return False
+        finally:
+            handler.release()
 
 
 class _JsonEventFormatter(logging.Formatter):

@@ -242,6 +242,13 @@ def _workers(value: object) -> int:
     return value
 
 
+def _reserve(value: object) -> int | None:
+    """Places kept for a service: ``"auto"`` (None) or a count (0: none)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    return _int_between(0, 10_000_000)(value)
+
+
 def _optional_rate(value: object) -> float | None:
     """Connections per second; ``"off"`` or zero mean no limit."""
     if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
@@ -451,6 +458,9 @@ class ServiceSettings:
     max_connections_per_client: int | None = None
     # New connections per second per listener; excess ones wait in the listen queue.
     accept_rate: float | None = None
+    # Session places kept for this service that other services cannot take; None:
+    # "auto", half of the daemon's capacity split evenly among its services.
+    reserved_connections: int | None = None
     policy: str = "failover"
     health: HealthSettings = field(default_factory=HealthSettings)
     greeting: GreetingSettings | None = None
@@ -530,6 +540,7 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "max_connections": _optional_count,
     "max_connections_per_client": _optional_count,
     "accept_rate": _optional_rate,
+    "reserved_connections": _reserve,
     "policy": _choice(POLICIES),
     "hold_timeout": _optional_duration,
     "dns_ttl": parse_duration,

@@ -1,15 +1,19 @@
-"""The failover sequence: try backends in the order given, return the first that connects.
+"""The failover sequence: try a session's backends in order, join the first that connects.
 
-Each backend is resolved when it is tried, through the shared cache (a name that does not
-resolve is a failed attempt, not an error of the daemon), and each address it resolves to
-is tried in turn. Where the service expects a greeting, "connects" means the backend's
-first line arrived and matched: it waits in the backend endpoint's held bytes (the relay
-forwards it later), while the client's bytes wait in the client endpoint; a backend that
-closes, resets, stays silent or greets otherwise is a failed attempt like a refusal, and
-the client, having received nothing, is moved on transparently.
+A `Dial` makes one pass over a session's plan; each connection it opens is an `Attempt`
+on a raw non-blocking socket, watched by the reactor until it connects, fails or times
+out. Each backend is resolved when it is tried (an IP literal needs nothing; a name goes
+through the shared cache, and only a cache miss waits on the resolver), and each address
+it resolves to is tried in turn. Where the service expects a greeting, "connects" means
+the backend's first line arrived and matched: it is kept for the client, whose own bytes
+wait in its socket meanwhile; a backend that closes, resets, stays silent or greets
+otherwise is a failed attempt like a refusal, and the client, having received nothing,
+is moved on transparently.
 
-Every attempt, failed or not, is recorded with its reason for the session's log line, and
-each backend's outcome is reported to the caller's `AttemptGate` (passive health).
+Every failed attempt is recorded with its reason for the session's log line, and each
+backend's outcome feeds passive health, except what says nothing about the backend: a
+cut by the failover deadline, or tcpfwd itself running out of descriptors (then the
+attempt waits and tries again rather than failing the client).
 
 A backend with ``send_proxy`` gets the session's PROXY header in one write as soon as it
 is connected, before any byte of the client and before its greeting is awaited (Postfix
@@ -24,365 +28,496 @@ import re
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from .config import BackendConfig, ServiceSettings, format_hostport
-from .proxy_send import SessionHeaders
-from .relay import Endpoint
-from .resolver import Addresses, Resolver, is_ip_literal
+from .config import SendProxySettings, format_hostport
+from .reactor import ERR, HUP, IN, OUT, Reactor
 
-OUTCOME_OK = "ok"
-OUTCOME_REFUSED = "refused"
-OUTCOME_TIMEOUT = "timeout"
-OUTCOME_UNREACHABLE = "unreachable"
-OUTCOME_DNS = "dns"
-OUTCOME_FAILOVER_TIMEOUT = "failover_timeout"
+if TYPE_CHECKING:
+    from .service import ServiceRuntime, Target
+
+OUTCOME_OK: Final = "ok"
+OUTCOME_REFUSED: Final = "refused"
+OUTCOME_TIMEOUT: Final = "timeout"
+OUTCOME_UNREACHABLE: Final = "unreachable"
+OUTCOME_DNS: Final = "dns"
+OUTCOME_FAILOVER_TIMEOUT: Final = "failover_timeout"
 # The backend is at its max_connections: skipped without a connect.
-OUTCOME_FULL = "full"
-OUTCOME_GREETING_TIMEOUT = "greeting_timeout"
-OUTCOME_GREETING_CLOSED = "greeting_closed"
-OUTCOME_GREETING_RESET = "greeting_reset"
-OUTCOME_GREETING_TOO_LONG = "greeting_too_long"
+OUTCOME_FULL: Final = "full"
+OUTCOME_GREETING_TIMEOUT: Final = "greeting_timeout"
+OUTCOME_GREETING_CLOSED: Final = "greeting_closed"
+OUTCOME_GREETING_RESET: Final = "greeting_reset"
+OUTCOME_GREETING_TOO_LONG: Final = "greeting_too_long"
 # Followed by ":" and the greeting's first word, e.g. "greeting_mismatch:421".
-OUTCOME_GREETING_MISMATCH = "greeting_mismatch"
+OUTCOME_GREETING_MISMATCH: Final = "greeting_mismatch"
 
 # A greeting's first line must end within this many bytes.
-MAX_GREETING_LINE = 512
+MAX_GREETING_LINE: Final = 512
 _FIRST_WORD = re.compile(rb"[A-Za-z0-9+*.-]{1,16}")
 
 # Below this, an attempt could not even complete a loopback handshake: do not start it.
-MIN_ATTEMPT_TIME = 0.001
-# Measurements use time.monotonic(): uvloop's loop.time() only has millisecond resolution.
+MIN_ATTEMPT_TIME: Final = 0.001
+# Out of descriptors: wait this long before trying again, doubling up to the maximum.
+SHORTAGE_PAUSE: Final = 0.05
+SHORTAGE_MAX_PAUSE: Final = 1.0
 
-_UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+_UNREACHABLE: Final = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+)
+# Errors that tell of tcpfwd's own resources, not of the backend.
+SHORTAGE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_IN_PROGRESS: Final = frozenset({0, errno.EINPROGRESS})
+_NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
-
-@dataclass(slots=True)
-class Attempt:
-    backend: str
-    address: str
-    outcome: str
-    elapsed: float
-
-
-@dataclass(slots=True)
-class Connected:
-    backend: BackendConfig
-    endpoint: Endpoint
-    address: str
-    local_address: str
+# Timer kinds.
+_CONNECT, _GREETING, _RETRY = 1, 2, 3
+# Attempt states.
+_CONNECTING, _GREETING_WAIT, _OVER = 1, 2, 3
 
 
-class _Timer:
-    """``asyncio.timeout`` for one await, without its context manager's per-use cost.
-
-    Every connection dials once, and ``asyncio.timeout`` asks for the running loop and
-    the current task again, builds its state machine and reschedules; this holds just
-    the timer. As with ``asyncio.timeout``, the task is cancelled when time is up, and
-    ``stop`` says whether a cancellation the task then sees was ours (``expired``):
-    ours is taken back, so only an outside cancellation stays one.
-    """
-
-    __slots__ = ("_cancelling", "_handle", "_task", "expired", "fired")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], delay: float):
-        self._task = task
-        self._cancelling = task.cancelling()
-        self.fired = False
-        self.expired = False
-        self._handle = loop.call_later(delay, self._fire)
-
-    def _fire(self) -> None:
-        self.fired = True
-        self._task.cancel()
-
-    def stop(self) -> None:
-        self._handle.cancel()
-        if self.fired:
-            # Our cancellation, unless an outside one is also pending (that one wins).
-            self.expired = self._task.uncancel() <= self._cancelling
-
-
-class AttemptGate(Protocol):
-    """What the dialer asks of its caller about each backend it tries."""
-
-    def acquire(self, backend: BackendConfig) -> bool:
-        """Reserve a connection slot (max_connections); False: the backend is full."""
-
-    def release(self, backend: BackendConfig) -> None:
-        """Give back a slot whose attempt failed (a connected one is the caller's)."""
-
-    def succeeded(self, backend: BackendConfig) -> None: ...
-
-    def failed(self, backend: BackendConfig, reason: str) -> None: ...
+def describe_errno(code: int) -> str:
+    """A short, stable word for why a connect failed, as it appears in the log."""
+    if code == errno.ECONNREFUSED:
+        return OUTCOME_REFUSED
+    if code == errno.ETIMEDOUT:
+        return OUTCOME_TIMEOUT
+    if code in _UNREACHABLE:
+        return OUTCOME_UNREACHABLE
+    return errno.errorcode.get(code, str(code)).lower()
 
 
 def describe_failure(error: BaseException) -> str:
-    """A short, stable word for why a connect failed, as it appears in the log."""
+    """The same word for an exception (health checks, name resolution)."""
     if isinstance(error, TimeoutError):
         return OUTCOME_TIMEOUT
-    if isinstance(error, ConnectionRefusedError):
-        return OUTCOME_REFUSED
     if isinstance(error, socket.gaierror):
         return OUTCOME_DNS
     if isinstance(error, OSError) and error.errno is not None:
-        if error.errno in _UNREACHABLE:
-            return OUTCOME_UNREACHABLE
-        return errno.errorcode.get(error.errno, str(error.errno)).lower()
+        return describe_errno(error.errno)
     return type(error).__name__
 
 
 SocketOptions = tuple[tuple[int, int, int], ...]
 
 
-def socket_options(settings: ServiceSettings) -> SocketOptions:
-    """The (level, option, value) triples ``configure_socket`` applies, worked out once.
-
-    TCP_NODELAY is not among them: uvloop and asyncio both set it on every TCP transport
-    they create, for accepted and connected sockets alike, so setting it here as well
-    cost two system calls per session and changed nothing.
-    """
-    options: list[tuple[int, int, int]] = []
-    if settings.keepalive:
-        options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            options += [
-                (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, int(settings.keepalive_idle)),
-                (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, int(settings.keepalive_interval)),
-                (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, settings.keepalive_count),
-            ]
+def keepalive_options(keepalive: bool, idle: float, interval: float, count: int) -> SocketOptions:
+    """The (level, option, value) triples that turn TCP keepalive on, as configured."""
+    if not keepalive:
+        return ()
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        options += [
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, int(idle)),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, int(interval)),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count),
+        ]
     return tuple(options)
 
 
-def configure_socket(sock: socket.socket | object, options: SocketOptions) -> None:
-    """Apply a service's TCP options (``socket_options``) to either side of a session.
-
-    ``sock`` may be a transport's stand-in for its socket (uvloop's ``PseudoSocket``),
-    whose ``setsockopt`` costs several times a real socket's: its descriptor is wrapped
-    in a socket object of our own for the calls, and let go (not closed) after.
-    """
-    if not options:
-        return
-    if isinstance(sock, socket.socket):
-        own = sock
-    else:
-        fileno = getattr(sock, "fileno", None)
-        if fileno is None:
-            return
-        try:
-            own = socket.socket(getattr(sock, "family", -1), socket.SOCK_STREAM, 0, fileno())
-        except (OSError, ValueError):
-            # Already closed (a descriptor of -1): nothing left to configure.
-            return
+def apply_options(sock: socket.socket, options: SocketOptions) -> None:
     try:
         for level, option, value in options:
-            own.setsockopt(level, option, value)
+            sock.setsockopt(level, option, value)
     except OSError:
         # The peer may already be gone; the relay will find out and say so.
         pass
-    finally:
-        if own is not sock:
-            own.detach()
 
 
-class Dialer:
-    """Connects to a service's backends in a given order, within the service's timeouts."""
+class DialOwner(Protocol):
+    """What a dial asks of and tells its session."""
 
-    def __init__(self, settings: ServiceSettings, resolver: Resolver) -> None:
-        self.settings = settings
-        self._resolver = resolver
-        self._local_addr = (settings.source_address, 0) if settings.source_address else None
-        self.socket_options = socket_options(settings)
-        greeting = settings.greeting
-        self._greeting = re.compile(greeting.expect.encode("utf-8")) if greeting else None
+    service: ServiceRuntime
 
-    async def connect(
-        self,
-        backends: Sequence[BackendConfig],
-        attempts: list[Attempt],
-        gate: AttemptGate,
-        *,
-        headers: SessionHeaders | None = None,
-    ) -> Connected | None:
-        """Try ``backends`` in order; record every attempt in ``attempts``.
+    def proxy_header(self, settings: SendProxySettings) -> bytes | None:
+        """The header for a backend with ``send_proxy`` (None: no client to describe)."""
 
-        A connected backend keeps the slot ``gate.acquire`` gave it; the caller releases it.
-        ``headers`` gives the PROXY header for backends with ``send_proxy``; without it
-        (no client to describe) no header is sent.
-        """
-        settings = self.settings
-        deadline = None
-        if settings.failover_timeout is not None:
-            deadline = time.monotonic() + settings.failover_timeout
-        for backend in backends:
-            if deadline is not None and deadline <= time.monotonic():
-                attempts.append(
-                    Attempt(backend.name, str(backend.address), OUTCOME_FAILOVER_TIMEOUT, 0.0)
-                )
-                return None
-            if not gate.acquire(backend):
-                attempts.append(Attempt(backend.name, str(backend.address), OUTCOME_FULL, 0.0))
+    def attempt_failed(
+        self, target: Target, address: str, outcome: str, elapsed: float
+    ) -> None: ...
+
+    def dial_connected(self, attempt: Attempt) -> None: ...
+
+    def dial_failed(self) -> None:
+        """Every backend of the plan failed (or the failover deadline passed)."""
+
+
+class Dial:
+    """One pass over a session's plan, one attempt at a time, in order."""
+
+    __slots__ = (
+        "_addresses",
+        "_attempt",
+        "_next_address",
+        "_pause",
+        "_position",
+        "_reason",
+        "_resolving",
+        "deadline",
+        "owner",
+        "plan",
+        "reactor",
+        "service",
+    )
+
+    def __init__(self, owner: DialOwner, plan: Sequence[Target], reactor: Reactor) -> None:
+        self.owner = owner
+        self.service = owner.service
+        self.plan = plan
+        self.reactor = reactor
+        failover_timeout = self.service.settings.failover_timeout
+        self.deadline = None if failover_timeout is None else time.monotonic() + failover_timeout
+        self._position = 0
+        # The addresses of the backend being tried (its place is held meanwhile).
+        self._addresses: Sequence[tuple[str, int]] | None = None
+        self._next_address = 0
+        self._reason = OUTCOME_FAILOVER_TIMEOUT
+        self._attempt: Attempt | None = None
+        self._resolving: asyncio.Task[None] | None = None
+        self._pause = SHORTAGE_PAUSE
+
+    def start(self) -> None:
+        self._next()
+
+    def cancel(self) -> None:
+        """The session is over (the client left, the daemon stops): drop everything."""
+        if self._attempt is not None:
+            self._attempt.abandon()
+            self._attempt = None
+        if self._resolving is not None:
+            self._resolving.cancel()
+            self._resolving = None
+        if self._addresses is not None:
+            self._addresses = None
+            self.service.release(self.plan[self._position])
+        self._position = len(self.plan) + 1
+
+    def _next(self) -> None:
+        """Start the next attempt of the plan, or tell the session none is left."""
+        service = self.service
+        plan = self.plan
+        while True:
+            addresses = self._addresses
+            if addresses is None:
+                if self._position >= len(plan):
+                    if self._position == len(plan):
+                        self._position += 1
+                        self.owner.dial_failed()
+                    return
+                target = plan[self._position]
+                deadline = self.deadline
+                if deadline is not None and deadline <= time.monotonic():
+                    self.owner.attempt_failed(target, target.shown, OUTCOME_FAILOVER_TIMEOUT, 0.0)
+                    self._position = len(plan) + 1
+                    self.owner.dial_failed()
+                    return
+                if not service.acquire(target):
+                    self.owner.attempt_failed(target, target.shown, OUTCOME_FULL, 0.0)
+                    self._position += 1
+                    continue
+                addresses = target.literal
+                if addresses is None:
+                    try:
+                        addresses = service.resolver.cached(target.host, target.port)
+                    except OSError as error:
+                        self._unresolved(target, describe_failure(error), 0.0)
+                        continue
+                    if addresses is None:
+                        self._addresses = ()
+                        self._resolving = self.reactor.loop.create_task(self._resolve(target))
+                        return
+                self._addresses = addresses
+                self._next_address = 0
+                self._reason = OUTCOME_FAILOVER_TIMEOUT
+            target = plan[self._position]
+            if self._next_address >= len(addresses):
+                self._backend_failed(target)
                 continue
-            connected: Connected | None = None
-            try:
-                connected, reason = await self._connect_backend(
-                    backend, deadline, attempts, headers=headers
-                )
-            finally:
-                if connected is None:
-                    gate.release(backend)
-            if connected is not None:
-                gate.succeeded(backend)
-                return connected
-            # Cut short by the failover deadline: says nothing about the backend's health.
-            if reason != OUTCOME_FAILOVER_TIMEOUT:
-                gate.failed(backend, reason)
-        return None
+            ip, port = addresses[self._next_address]
+            self._next_address += 1
+            attempt = Attempt(self, target, ip, port)
+            outcome = attempt.start()
+            if outcome is None:
+                self._attempt = attempt
+                return
+            if outcome in _SHORTAGE_WORDS:
+                # Our descriptors, not the backend: try the same address again soon.
+                self._next_address -= 1
+                self.reactor.call_later(self._pause, self, _RETRY)
+                self._pause = min(self._pause * 2, SHORTAGE_MAX_PAUSE)
+                return
+            self._reason = outcome
+            if outcome == OUTCOME_FAILOVER_TIMEOUT:
+                self._next_address = len(addresses)
 
-    async def _connect_backend(
-        self,
-        backend: BackendConfig,
-        deadline: float | None,
-        attempts: list[Attempt],
-        *,
-        headers: SessionHeaders | None,
-    ) -> tuple[Connected | None, str]:
-        """Every address of one backend in turn; the connection, or the last failure."""
-        host, port = backend.address.host, backend.address.port
-        addresses: Addresses
-        if is_ip_literal(host):
-            # Nothing to look up, so no timer to arm and no coroutine to run.
-            addresses = ((host, port),)
-        else:
-            started = time.monotonic()
-            budget, cut = self._budget(self.settings.connect_timeout, started, deadline)
-            try:
-                async with asyncio.timeout(budget):
-                    addresses = await self._resolver.resolve(host, port, self.settings.dns_ttl)
-            except (OSError, TimeoutError) as error:
-                if isinstance(error, TimeoutError):
-                    outcome = OUTCOME_FAILOVER_TIMEOUT if cut else OUTCOME_DNS
-                else:
-                    outcome = describe_failure(error)
-                attempts.append(
-                    Attempt(backend.name, str(backend.address), outcome, time.monotonic() - started)
-                )
-                return None, outcome
-        reason = OUTCOME_FAILOVER_TIMEOUT
-        for ip, ip_port in addresses:
-            connected, reason = await self._connect_one(
-                backend, ip, ip_port, deadline, attempts, headers=headers
-            )
-            if connected is not None or reason == OUTCOME_FAILOVER_TIMEOUT:
-                return connected, reason
-        return None, reason
+    def _backend_failed(self, target: Target) -> None:
+        """Every address of ``target`` failed: give back its place, tell health why."""
+        self._addresses = None
+        self._position += 1
+        self.service.release(target)
+        if self._reason != OUTCOME_FAILOVER_TIMEOUT:
+            self.service.failed(target, self._reason)
 
-    @staticmethod
-    def _budget(timeout: float, now: float, deadline: float | None) -> tuple[float, bool]:
-        """The time an attempt may take, and whether the failover deadline cut it."""
+    def _unresolved(self, target: Target, outcome: str, elapsed: float) -> None:
+        self.owner.attempt_failed(target, target.shown, outcome, elapsed)
+        self._reason = outcome
+        self._addresses = ()
+        self._next_address = 0
+
+    async def _resolve(self, target: Target) -> None:
+        settings = self.service.settings
+        started = time.monotonic()
+        budget, cut = self.budget(settings.connect_timeout, started)
+        try:
+            async with asyncio.timeout(budget):
+                addresses = await self.service.resolver.resolve(
+                    target.host, target.port, settings.dns_ttl
+                )
+        except (OSError, TimeoutError) as error:
+            if isinstance(error, TimeoutError):
+                outcome = OUTCOME_FAILOVER_TIMEOUT if cut else OUTCOME_DNS
+            else:
+                outcome = describe_failure(error)
+            self._resolving = None
+            self._unresolved(target, outcome, time.monotonic() - started)
+            self._safely_next()
+            return
+        self._resolving = None
+        self._addresses = addresses
+        self._next_address = 0
+        self._reason = OUTCOME_FAILOVER_TIMEOUT
+        self._safely_next()
+
+    def _safely_next(self) -> None:
+        try:
+            self._next()
+        except Exception as error:
+            self.on_failure(error)
+
+    def budget(self, timeout: float, now: float) -> tuple[float, bool]:
+        """The time a step may take, and whether the failover deadline cut it."""
+        deadline = self.deadline
         if deadline is not None and deadline - now < timeout:
             return max(deadline - now, 0.0), True
         return timeout, False
 
-    async def _connect_one(
-        self,
-        backend: BackendConfig,
-        ip: str,
-        port: int,
-        deadline: float | None,
-        attempts: list[Attempt],
-        *,
-        headers: SessionHeaders | None,
-    ) -> tuple[Connected | None, str]:
-        loop = asyncio.get_running_loop()
-        settings = self.settings
-        address = format_hostport(ip, port)
-        started = time.monotonic()
-        budget, cut = self._budget(settings.connect_timeout, started, deadline)
+    # --- what attempts report ------------------------------------------------------------
+
+    def attempt_failed(self, attempt: Attempt, outcome: str) -> None:
+        self._attempt = None
+        self.owner.attempt_failed(
+            attempt.target, attempt.address, outcome, time.monotonic() - attempt.started
+        )
+        self._reason = outcome
+        if outcome == OUTCOME_FAILOVER_TIMEOUT and self._addresses is not None:
+            self._next_address = len(self._addresses)
+        self._next()
+
+    def attempt_connected(self, attempt: Attempt) -> None:
+        self._attempt = None
+        self._addresses = None
+        self._position = len(self.plan) + 1
+        self.service.succeeded(attempt.target)
+        self.owner.dial_connected(attempt)
+
+    # --- timer (a retry after a shortage) ------------------------------------------------
+
+    def on_timer(self, kind: int) -> None:
+        if self._position < len(self.plan) and self._attempt is None:
+            self._next()
+
+    def on_failure(self, error: BaseException) -> None:
+        self.cancel()
+        self.owner.dial_failed()
+
+
+_SHORTAGE_WORDS: Final = frozenset(describe_errno(code) for code in SHORTAGE_ERRORS)
+
+
+class Attempt:
+    """One connection to one address of one backend, until it is joined or fails."""
+
+    __slots__ = (
+        "_ip_port",
+        "address",
+        "cut",
+        "dial",
+        "fd",
+        "greeting",
+        "local",
+        "mask",
+        "sock",
+        "started",
+        "state",
+        "target",
+    )
+
+    def __init__(self, dial: Dial, target: Target, ip: str, port: int) -> None:
+        self.dial = dial
+        self.target = target
+        self.address = target.shown if target.literal is not None else format_hostport(ip, port)
+        self.state = _CONNECTING
+        # What the backend sent before it was joined (its greeting): the client's first.
+        self.greeting = b""
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.local: tuple[str, int] | None = None
+        self.mask = 0
+        self._ip_port = (ip, port)
+        self.started = 0.0
+        self.cut = False
+
+    def start(self) -> str | None:
+        """Connect; None while in progress, else why it failed at once (recorded)."""
+        dial = self.dial
+        service = dial.service
+        settings = service.settings
+        started = self.started = time.monotonic()
+        budget, self.cut = dial.budget(settings.connect_timeout, started)
         if budget < MIN_ATTEMPT_TIME:
-            attempts.append(Attempt(backend.name, address, OUTCOME_FAILOVER_TIMEOUT, 0.0))
-            return None, OUTCOME_FAILOVER_TIMEOUT
-        task = asyncio.current_task(loop)
-        assert task is not None
-        timer = _Timer(loop, task, budget)
+            return self._failed_at_once(OUTCOME_FAILOVER_TIMEOUT)
+        ip, port = self._ip_port
         try:
-            try:
-                transport, endpoint = await loop.create_connection(
-                    lambda: Endpoint("backend", settings.buffer_size),
-                    ip,
-                    port,
-                    local_addr=self._local_addr,
-                )
-            finally:
-                timer.stop()
-        except asyncio.CancelledError:
-            if not timer.expired:
-                raise
-            outcome = OUTCOME_FAILOVER_TIMEOUT if cut else OUTCOME_TIMEOUT
-            attempts.append(Attempt(backend.name, address, outcome, time.monotonic() - started))
-            return None, outcome
+            sock = socket.socket(
+                socket.AF_INET6 if ":" in ip else socket.AF_INET, _NONBLOCKING_STREAM
+            )
         except OSError as error:
-            outcome = describe_failure(error)
-            if cut and outcome == OUTCOME_TIMEOUT:
-                outcome = OUTCOME_FAILOVER_TIMEOUT
-            attempts.append(Attempt(backend.name, address, outcome, time.monotonic() - started))
-            return None, outcome
-        if backend.send_proxy is not None and headers is not None:
-            # First and whole: receivers read the header from their first recv().
-            transport.write(headers.for_backend(backend.send_proxy))
-        if self._greeting is not None:
-            try:
-                refused = await self._await_greeting(endpoint, deadline)
-            except BaseException:
-                # Cancelled (the client left): do not leak the backend connection.
-                endpoint.abort()
-                raise
-            if refused is not None:
-                endpoint.abort()
-                attempts.append(Attempt(backend.name, address, refused, time.monotonic() - started))
-                return None, refused
-        attempts.append(Attempt(backend.name, address, OUTCOME_OK, time.monotonic() - started))
-        configure_socket(transport.get_extra_info("socket"), self.socket_options)
-        sockname = transport.get_extra_info("sockname")
-        local = format_hostport(str(sockname[0]), int(sockname[1])) if sockname else "?"
-        return Connected(backend, endpoint, address, local), OUTCOME_OK
-
-    async def _await_greeting(self, endpoint: Endpoint, deadline: float | None) -> str | None:
-        """Wait for the backend's first line; None if it matches, else why not.
-
-        The line stays in ``endpoint.held``: the relay forwards it to the client.
-        """
-        assert self._greeting is not None and self.settings.greeting is not None
-        loop = asyncio.get_running_loop()
-        budget, cut = self._budget(self.settings.greeting.timeout, time.monotonic(), deadline)
-        wake: asyncio.Future[None] = loop.create_future()
-
-        def changed() -> None:
-            if not wake.done():
-                wake.set_result(None)
-
-        endpoint.on_change = changed
+            code = error.errno or 0
+            if code in SHORTAGE_ERRORS:
+                return describe_errno(code)
+            return self._failed_at_once(describe_errno(code))
         try:
-            async with asyncio.timeout(budget):
-                while True:
-                    end = endpoint.held.find(b"\n", 0, MAX_GREETING_LINE)
-                    if end >= 0:
-                        break
-                    if len(endpoint.held) >= MAX_GREETING_LINE:
-                        return OUTCOME_GREETING_TOO_LONG
-                    if endpoint.lost:
-                        return OUTCOME_GREETING_RESET if endpoint.error else OUTCOME_GREETING_CLOSED
-                    if endpoint.eof:
-                        return OUTCOME_GREETING_CLOSED
-                    await wake
-                    wake = loop.create_future()
-        except TimeoutError:
-            return OUTCOME_FAILOVER_TIMEOUT if cut else OUTCOME_GREETING_TIMEOUT
-        finally:
-            endpoint.on_change = None
-        line = bytes(endpoint.held[: end + 1])
-        if self._greeting.search(line):
-            return None
+            for level, option, value in service.backend_options:
+                sock.setsockopt(level, option, value)
+            source = service.source_address
+            if source is not None:
+                sock.bind(source)
+            code = sock.connect_ex((ip, port))
+        except OSError as error:
+            code = error.errno or errno.EIO
+        if code not in _IN_PROGRESS:
+            sock.close()
+            if code in SHORTAGE_ERRORS:
+                return describe_errno(code)
+            return self._failed_at_once(describe_errno(code))
+        self.sock = sock
+        fd = self.fd = sock.fileno()
+        # Known at once (the kernel chose the port at connect): should the backend be
+        # tcpfwd itself, the connection that arrives on its listener is recognised.
+        local = sock.getsockname()
+        self.local = local = (local[0], local[1])
+        service.daemon.outgoing.add(local)
+        reactor = dial.reactor
+        reactor.add(fd, OUT, self)
+        self.mask = OUT
+        reactor.call_later(budget, self, _CONNECT)
+        return None
+
+    def _failed_at_once(self, outcome: str) -> str:
+        dial = self.dial
+        dial.owner.attempt_failed(
+            self.target, self.address, outcome, time.monotonic() - self.started
+        )
+        return outcome
+
+    def on_event(self, fd: int, events: int) -> None:
+        if self.state == _CONNECTING:
+            self._connect_done(events)
+        elif self.state == _GREETING_WAIT:
+            self._greeting_read()
+
+    def _connect_done(self, events: int) -> None:
+        sock = self.sock
+        assert sock is not None
+        if events & (ERR | HUP):
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._fail(describe_errno(code) if code else OUTCOME_REFUSED)
+            return
+        dial = self.dial
+        target = self.target
+        if target.send_proxy is not None:
+            header = dial.owner.proxy_header(target.send_proxy)
+            if header:
+                # First and whole: receivers read the header from their first recv(), and
+                # a fresh connection's send buffer takes a few hundred bytes at once.
+                try:
+                    sent = sock.send(header)
+                except OSError as error:
+                    self._fail(describe_errno(error.errno or errno.EIO))
+                    return
+                if sent != len(header):
+                    self._fail(OUTCOME_GREETING_RESET)
+                    return
+        service = dial.service
+        if service.greeting_pattern is not None:
+            greeting = service.settings.greeting
+            assert greeting is not None
+            self.state = _GREETING_WAIT
+            dial.reactor.modify(self.fd, IN)
+            self.mask = IN
+            budget, self.cut = dial.budget(greeting.timeout, time.monotonic())
+            dial.reactor.call_later(budget, self, _GREETING)
+            return
+        self.state = _OVER
+        dial.attempt_connected(self)
+
+    def _greeting_read(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        try:
+            data = sock.recv(MAX_GREETING_LINE * 8)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._fail(OUTCOME_GREETING_RESET)
+            return
+        if not data:
+            self._fail(OUTCOME_GREETING_CLOSED)
+            return
+        greeting = self.greeting = self.greeting + data
+        end = greeting.find(b"\n", 0, MAX_GREETING_LINE)
+        if end < 0:
+            if len(greeting) >= MAX_GREETING_LINE:
+                self._fail(OUTCOME_GREETING_TOO_LONG)
+            return
+        line = greeting[: end + 1]
+        pattern = self.dial.service.greeting_pattern
+        assert pattern is not None
+        if pattern.search(line):
+            self.state = _OVER
+            self.dial.attempt_connected(self)
+            return
         word = _FIRST_WORD.match(line)
-        return f"{OUTCOME_GREETING_MISMATCH}:{word.group().decode() if word else '?'}"
+        self._fail(f"{OUTCOME_GREETING_MISMATCH}:{word.group().decode() if word else '?'}")
+
+    def on_timer(self, kind: int) -> None:
+        if kind == _CONNECT and self.state == _CONNECTING:
+            self._fail(OUTCOME_FAILOVER_TIMEOUT if self.cut else OUTCOME_TIMEOUT)
+        elif kind == _GREETING and self.state == _GREETING_WAIT:
+            self._fail(OUTCOME_FAILOVER_TIMEOUT if self.cut else OUTCOME_GREETING_TIMEOUT)
+
+    def on_failure(self, error: BaseException) -> None:
+        if self.state != _OVER:
+            self._fail(type(error).__name__.lower())
+
+    def _fail(self, outcome: str) -> None:
+        self.abandon()
+        self.dial.attempt_failed(self, outcome)
+
+    def abandon(self) -> None:
+        """Close the connection (it failed, or its session is gone)."""
+        self.state = _OVER
+        sock = self.sock
+        if sock is None:
+            return
+        self.sock = None
+        self.dial.reactor.forget(self.fd)
+        if self.local is not None:
+            self.dial.service.daemon.outgoing.discard(self.local)
+        sock.close()
+
+    def take(self) -> socket.socket:
+        """The connected socket, now the session's."""
+        sock = self.sock
+        assert sock is not None
+        self.sock = None
+        return sock

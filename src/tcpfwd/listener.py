@@ -1,10 +1,12 @@
 """Listening sockets and the accept loop.
 
-The accept loop is ours rather than the event loop's ``create_server`` so that running
-out of file descriptors is handled here: the listening socket stays readable while the
-queue is full, so on EMFILE/ENFILE we stop watching it and come back after a pause that
-grows while the shortage lasts, instead of spinning on it or closing it. Later checks
-that must run before a connection costs anything (access control, limits) belong here.
+The accept loop is ours rather than the event loop's ``create_server``: it runs on the
+data plane's reactor, hands each accepted socket to the daemon without building a
+transport, and handles running out of file descriptors: the listening socket stays
+readable while the queue is full, so on EMFILE/ENFILE we stop watching it and come back
+after a pause that grows while the shortage lasts, instead of spinning on it or closing
+it. A listener can also be held (no accepting at all: new clients wait in the kernel's
+queue) and rate-limited (``accept_rate``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,13 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .config import Address, format_hostport
+from .reactor import IN
+
+if TYPE_CHECKING:
+    from .reactor import Reactor
 
 log = logging.getLogger("tcpfwd")
 
@@ -28,21 +35,6 @@ FD_SHORTAGE_MAX_PAUSE = 1.0
 _FD_SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # Errors about one connection that died in the queue: skip it, keep accepting.
 _PER_CONNECTION = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
-
-
-class AcceptedSocket(socket.socket):
-    """An accepted stream socket whose ``type`` is known without asking.
-
-    The event loop checks ``sock.type`` of every socket handed to it, and the base
-    class answers through an enum conversion each time; an accepted socket of a
-    listening stream socket is a stream socket, so the answer is a constant here.
-    """
-
-    __slots__ = ()
-
-    @property
-    def type(self) -> socket.SocketKind:
-        return socket.SocketKind.SOCK_STREAM
 
 
 class ListenError(Exception):
@@ -101,11 +93,14 @@ class Listener:
         on_connection: Callable[[Listener, socket.socket, tuple[str, int]], None],
     ) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self._family = sock.family
         self._on_connection = on_connection
         sockname = sock.getsockname()
         self.name = format_hostport(str(sockname[0]), int(sockname[1]))
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # The service whose clients this listener takes (set by the daemon).
+        self.service: Any = None
+        self._reactor: Reactor | None = None
         self._watching = False
         self._retry: asyncio.TimerHandle | None = None
         self._pause = FD_SHORTAGE_PAUSE
@@ -117,6 +112,9 @@ class Listener:
         self._rate: float | None = None
         self._tokens = 0.0
         self._refilled = 0.0
+
+    def __repr__(self) -> str:
+        return f"Listener({self.name})"
 
     def set_rate(self, rate: float | None) -> None:
         """At most ``rate`` new connections a second; the rest wait in the listen queue."""
@@ -134,26 +132,31 @@ class Listener:
         self._refilled = now
         if self._tokens >= 1.0:
             return True
-        assert self._loop is not None
         self._unwatch()
-        self._retry = self._loop.call_later((1.0 - self._tokens) / rate, self._watch)
+        self._retry_in((1.0 - self._tokens) / rate)
         return False
 
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    def _retry_in(self, delay: float) -> None:
+        assert self._reactor is not None
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = self._reactor.loop.call_later(delay, self._watch)
+
+    def start(self, reactor: Reactor) -> None:
+        self._reactor = reactor
         self.started = True
         self._watch()
 
     def _watch(self) -> None:
         self._retry = None
-        if self.closed or self._held or self._watching or self._loop is None:
+        if self.closed or self._held or self._watching or self._reactor is None:
             return
-        self._loop.add_reader(self.sock.fileno(), self._accept_ready)
+        self._reactor.add(self.fd, IN, self)
         self._watching = True
 
     def _unwatch(self) -> None:
-        if self._watching and self._loop is not None:
-            self._loop.remove_reader(self.sock.fileno())
+        if self._watching and self._reactor is not None:
+            self._reactor.remove(self.fd)
         self._watching = False
 
     def hold(self) -> None:
@@ -166,14 +169,22 @@ class Listener:
         if self._retry is None:
             self._watch()
 
-    def _accept_ready(self) -> None:
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def on_event(self, fd: int, events: int) -> None:
+        family = self._family
+        accept = self.sock._accept  # type: ignore[attr-defined]
+        on_connection = self._on_connection
+        rated = self._rate is not None
         for _ in range(ACCEPT_BATCH):
-            if self._held or self.closed or not self._may_accept():
+            if self._held or self.closed or (rated and not self._may_accept()):
                 return
             try:
                 # socket.accept() would work out the new socket's type from the listener
                 # through enum conversions; the listener's family and SOCK_STREAM say it.
-                fd, peer = self.sock._accept()  # type: ignore[attr-defined]
+                conn_fd, peer = accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as error:
@@ -185,18 +196,21 @@ class Listener:
                 log.error("accept on %s failed: %s", self.name, error)
                 self._pause_for_shortage(error)
                 return
-            conn = AcceptedSocket(self._family, socket.SOCK_STREAM, 0, fd)
+            conn = socket.socket(family, socket.SOCK_STREAM, 0, conn_fd)
             conn.setblocking(False)
-            self._tokens -= 1.0
+            if rated:
+                self._tokens -= 1.0
             try:
-                self._on_connection(self, conn, (str(peer[0]), int(peer[1])))
+                on_connection(self, conn, (peer[0], peer[1]))
             except Exception:
                 log.exception("connection from %s on %s could not be started", peer, self.name)
                 conn.close()
         self._pause = FD_SHORTAGE_PAUSE
 
+    def on_failure(self, error: BaseException) -> None:
+        """Nothing to clean up: the next readiness event accepts again."""
+
     def _pause_for_shortage(self, error: OSError) -> None:
-        assert self._loop is not None
         self._unwatch()
         now = time.monotonic()
         if now - self._last_shortage_log >= 10.0:
@@ -204,7 +218,7 @@ class Listener:
             log.warning(
                 "accept on %s paused: %s; new connections wait in the queue", self.name, error
             )
-        self._retry = self._loop.call_later(self._pause, self._watch)
+        self._retry_in(self._pause)
         self._pause = min(self._pause * 2, FD_SHORTAGE_MAX_PAUSE)
 
     def close(self) -> None:

@@ -2,10 +2,9 @@
 
 A service with ``accept_proxy`` decides on the raw peer address first: a peer outside
 ``trusted_sources`` is refused before a byte is read, header or not, so an address it
-claims is never believed. A trusted peer's header is read out of the client
-endpoint's held bytes (the endpoint holds what it reads until the relay links it), fed
-to the sans-IO :class:`~.proxy_protocol.ProxyDecoder`, and whatever followed the
-header goes back to the front of the held bytes: it reaches the backend untouched.
+claims is never believed. A trusted peer's header is read from what the session
+receives, fed to the sans-IO :class:`~.proxy_protocol.ProxyDecoder`, and whatever
+followed the header is held for the backend: it reaches it untouched, first.
 
 ``accept_proxy = "optional"`` lets trusted peers connect without a header. Whether a
 header comes is decided on the first bytes: they either start with a PROXY signature
@@ -17,14 +16,12 @@ wait that long for their greeting: prefer ``true`` where every peer sends a head
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from collections.abc import Sequence
 from typing import Final
 
 from .config import IPNetwork
 from .proxy_protocol import V2_SIGNATURE, ProxyDecoder, ProxyHeader, ProxyProtocolError
-from .relay import Endpoint
 
 # Why a connection was refused, as the access log's end word.
 END_UNTRUSTED: Final = "untrusted_source"
@@ -94,70 +91,67 @@ def addresses_of(header: ProxyHeader) -> tuple[HostPort, HostPort] | None:
     return source, destination
 
 
-async def receive_header(
-    endpoint: Endpoint, *, timeout: float, optional: bool = False
-) -> tuple[ProxyHeader | None, int]:
-    """Read a PROXY header off a client endpoint: ``(header, its length on the wire)``.
+class HeaderReader:
+    """Reads one client's PROXY header out of the bytes the session receives (sans-IO).
 
-    ``(None, 0)``: no header (only when ``optional``). Bytes after the header stay in
-    ``endpoint.held``. Raises :class:`HeaderRejected` for a malformed, truncated,
-    oversized or too slow header and :class:`ClientGone` if the client left silently.
+    ``feed`` returns None while more bytes are needed, else ``(header, rest)``: the
+    header (None: the client sent none, only where optional) and the bytes that followed
+    it, which belong to the session. ``feed_eof`` and ``timed_out`` say what the end of
+    the bytes, or of the time, means. Raises :class:`HeaderRejected` for a malformed,
+    truncated, oversized or too slow header and :class:`ClientGone` if the client left
+    without a byte.
     """
-    loop = asyncio.get_running_loop()
-    decoder = ProxyDecoder()
-    undecided = optional
-    fed = 0
-    wake: asyncio.Future[None] = loop.create_future()
 
-    def changed() -> None:
-        if not wake.done():
-            wake.set_result(None)
+    __slots__ = ("_decoder", "_held", "_undecided", "received")
 
-    previous = endpoint.on_change
-    endpoint.on_change = changed
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                if undecided:
-                    verdict = starts_with_header(endpoint.held)
-                    if verdict is False:
-                        return None, 0
-                    undecided = verdict is None
-                if not undecided and endpoint.held:
-                    chunk = endpoint.take_held(len(endpoint.held))
-                    fed += len(chunk)
-                    try:
-                        header = decoder.feed(chunk)
-                    except ProxyProtocolError as error:
-                        raise HeaderRejected(END_BAD_HEADER, str(error)) from None
-                    if header is not None:
-                        if header.transport == "DGRAM":
-                            # Addresses of a UDP flow cannot describe this TCP client.
-                            raise HeaderRejected(
-                                END_BAD_HEADER, f"v2: {header.family} over UDP on a TCP connection"
-                            )
-                        # Nothing ran since take_held: held is empty, the rest goes first.
-                        endpoint.held[:0] = decoder.remainder
-                        return header, decoder.header_length
-                if endpoint.lost or endpoint.eof:
-                    if fed == 0 and not endpoint.held:
-                        raise ClientGone(reset=endpoint.error is not None)
-                    if undecided:
-                        # A few bytes that might have become a signature, then EOF: data.
-                        return None, 0
-                    try:
-                        decoder.feed_eof()
-                    except ProxyProtocolError as error:
-                        raise HeaderRejected(END_BAD_HEADER, str(error)) from None
-                await wake
-                wake = loop.create_future()
-    except TimeoutError:
-        if undecided:
-            return None, 0
-        got = fed + len(endpoint.held)
+    def __init__(self, *, optional: bool) -> None:
+        self._decoder = ProxyDecoder()
+        self._undecided = optional
+        # Bytes that might still begin a header (optional mode), not yet told apart.
+        self._held = b""
+        self.received = 0
+
+    def feed(self, data: bytes) -> tuple[ProxyHeader | None, bytes] | None:
+        self.received += len(data)
+        if self._undecided:
+            data = self._held + data
+            verdict = starts_with_header(data)
+            if verdict is False:
+                return None, data
+            if verdict is None:
+                self._held = data
+                return None
+            self._undecided = False
+            self._held = b""
+        try:
+            header = self._decoder.feed(data)
+        except ProxyProtocolError as error:
+            raise HeaderRejected(END_BAD_HEADER, str(error)) from None
+        if header is None:
+            return None
+        if header.transport == "DGRAM":
+            # Addresses of a UDP flow cannot describe this TCP client.
+            raise HeaderRejected(
+                END_BAD_HEADER, f"v2: {header.family} over UDP on a TCP connection"
+            )
+        return header, self._decoder.remainder
+
+    def feed_eof(self, *, reset: bool) -> tuple[None, bytes]:
+        if not self.received:
+            raise ClientGone(reset=reset)
+        if self._undecided:
+            # A few bytes that might have become a signature, then EOF: data.
+            return None, self._held
+        try:
+            self._decoder.feed_eof()
+        except ProxyProtocolError as error:
+            raise HeaderRejected(END_BAD_HEADER, str(error)) from None
+        raise HeaderRejected(END_BAD_HEADER, "connection ended within the header")
+
+    def timed_out(self, timeout: float) -> tuple[None, bytes]:
+        if self._undecided:
+            return None, self._held
         raise HeaderRejected(
             END_HEADER_TIMEOUT,
-            f"no complete header within {timeout:g}s ({got} bytes received)",
-        ) from None
-    finally:
-        endpoint.on_change = previous
+            f"no complete header within {timeout:g}s ({self.received} bytes received)",
+        )

@@ -1,27 +1,44 @@
-"""The byte pump between two sockets of one session.
+"""The byte pump between the two sockets of a session, driven by readiness events.
 
-Each socket gets an :class:`Endpoint` protocol. Until the session links two endpoints,
-an endpoint *holds* what it reads (bounded: past ``limit`` bytes it stops reading), so
-nothing a client sends while its backend is being chosen is lost, and the dialer can
-inspect a backend's first bytes. Once linked, each endpoint writes what it reads into
-its peer's transport, and the peer's write-buffer water marks pause and resume reading
-on this side: two of asyncio's flow-control transports wired crosswise, so memory stays
-bounded by the buffer limits whatever the speed of either peer.
+Each direction is a `Flow`: what is read from its source socket is written to its
+destination socket at once; what the destination cannot take yet waits as the flow's
+``pending`` bytes, and the source is not read again until they have gone. So at most one
+chunk waits in tcpfwd per direction, whatever the speed of either peer, and a slow
+reader slows its writer down through TCP itself (the approach of asyncio's
+``_SelectorSocketTransport`` with its water marks, without the transport object).
 
-Half-close: an EOF read on one side becomes ``write_eof`` on the other; the session ends
-when both directions have seen their EOF, or at once when either socket fails (a reset
-is passed on as an abort so the other peer learns promptly).
+Splice: a flow that has moved ``splice_at`` bytes (from the first byte when the service
+asks for ``relay = "splice"``; after a few hundred KiB with ``"auto"``, so a short
+session never pays for a pipe) moves the rest socket → pipe → socket inside the kernel,
+through a pipe taken from the shared pool for as long as bytes are in flight; a chunk
+that gets no pipe is copied. Why only into an empty pipe: a pipe's capacity counts page
+slots, not bytes; a socket splice can fill every slot with fewer bytes than the pipe's
+size, and then a readable source in front of a full pipe would wake us forever.
 
-This is the portable relay. ``splice.py`` has the Linux zero-copy one; both derive from
-:class:`BaseRelay`, which is all the session knows of a relay.
+Half-close: an EOF read from one side becomes ``shutdown(SHUT_WR)`` on the other once
+its pending bytes have gone; the session ends when both directions have seen theirs
+(then both sockets are closed). A failed socket (a reset) ends it at once, and the other
+socket is reset too, so its peer learns promptly. The first cause is the end word.
+
+Interest per socket is what its two flows need: reading for the flow it feeds, writing
+for the flow that waits on it. A socket that needs neither is taken out of the epoll
+(a hang-up is reported whatever the mask, and would wake us for nothing).
 """
 
 from __future__ import annotations
 
-import abc
-import asyncio
-from collections.abc import Callable
-from typing import ClassVar, Final, cast
+import contextlib
+import os
+import socket
+import struct
+from typing import TYPE_CHECKING, Final
+
+from .reactor import ERR, HUP, IN, OUT
+from .splice import RELAY_COPY, RELAY_SPLICE, ROUNDS_PER_WAKEUP, SPLICE_FLAGS, PipePool
+
+if TYPE_CHECKING:
+    from .reactor import Reactor
+    from .splice import Pipe
 
 # Why a relay ended, first cause wins; these words appear in the access log.
 END_CLIENT_CLOSED: Final = "client_closed"
@@ -31,273 +48,328 @@ END_BACKEND_RESET: Final = "backend_reset"
 END_IDLE_TIMEOUT: Final = "idle_timeout"
 END_SHUTDOWN: Final = "shutdown"
 
+# Bytes read at once (at most the service's buffer_size).
+CHUNK: Final = 64 << 10
+# Not watched at all (a descriptor's interest is otherwise a mask of events).
+UNWATCHED: Final = -1
 
-class Endpoint(asyncio.Protocol):
-    """One socket of a session: holds its input until linked, then forwards to its peer."""
+_RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
+_CLOSED_WORDS: Final = (END_CLIENT_CLOSED, END_BACKEND_CLOSED)
+_TRY_READ: Final = IN | ERR | HUP
+_TRY_WRITE: Final = OUT | ERR | HUP
+
+
+class Flow:
+    """One direction of a session: ``src`` → ``dst``."""
 
     __slots__ = (
+        "dst",
+        "dst_fd",
         "eof",
-        "error",
-        "held",
-        "limit",
-        "lost",
-        "on_change",
-        "peer",
+        "pending",
+        "pipe",
         "received",
-        "relay",
-        "role",
-        "transport",
-        "write_paused",
+        "shut",
+        "splice_at",
+        "src",
+        "src_fd",
     )
-
-    def __init__(self, role: str, limit: int) -> None:
-        self.role = role
-        self.limit = limit
-        self.transport: asyncio.Transport | None = None
-        self.peer: Endpoint | None = None
-        self.relay: Relay | None = None
-        self.held = bytearray()
-        self.received = 0
-        self.eof = False
-        self.lost = False
-        self.error: BaseException | None = None
-        self.write_paused = False
-        # Called on every event while held, so a waiting dialer or session can react.
-        self.on_change: Callable[[], None] | None = None
-
-    # --- asyncio.Protocol ---------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=self.limit, low=self.limit // 4)
-
-    def data_received(self, data: bytes) -> None:
-        self.received += len(data)
-        peer = self.peer
-        if peer is not None:
-            assert peer.transport is not None
-            peer.transport.write(data)
-            return
-        self.held += data
-        if len(self.held) >= self.limit and self.transport is not None:
-            self.transport.pause_reading()
-        self._changed()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        if self.relay is not None:
-            self.relay.eof_from(self)
-        else:
-            self._changed()
-        # Keep the socket open for writing: half-close is passed on, not turned into a close.
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.error = exc
-        if self.relay is not None:
-            self.relay.lost(self, exc)
-        else:
-            self._changed()
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.resume_reading()
-
-    # --- used by the dialer and the session -----------------------------------------
-
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
-
-    def take_held(self, count: int) -> bytes:
-        """Remove and return the first ``count`` held bytes (e.g. a greeting checked)."""
-        chunk = bytes(self.held[:count])
-        del self.held[:count]
-        if self.transport is not None and len(self.held) < self.limit:
-            self.transport.resume_reading()
-        return chunk
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-
-class BaseRelay(abc.ABC):
-    """What every relay shares: the outcome, the byte counters and the idle timer.
-
-    The session sees only this: ``start()``, the ``done`` future (the end word), ``end``,
-    ``shutdown(reason)`` and the byte counters. Counters live in the two endpoints
-    (``Endpoint.received``) so they cover the bytes held before the relay started.
-    """
-
-    __slots__ = (
-        "_idle_handle",
-        "_idle_seen",
-        "_idle_since",
-        "_idle_timeout",
-        "_loop",
-        "backend",
-        "client",
-        "done",
-        "end",
-    )
-
-    # Which relay moved the bytes, as the access log names it.
-    kind: ClassVar[str] = ""
 
     def __init__(
         self,
-        client: Endpoint,
-        backend: Endpoint,
+        src: socket.socket,
+        src_fd: int,
+        dst: socket.socket,
+        dst_fd: int,
         *,
-        idle_timeout: float | None = None,
+        held: bytes,
+        splice_at: int,
     ) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.client = client
-        self.backend = backend
-        self.end: str | None = None
-        self.done: asyncio.Future[str] = self._loop.create_future()
-        self._idle_timeout = idle_timeout
-        self._idle_handle: asyncio.TimerHandle | None = None
-        self._idle_seen = -1
-        self._idle_since = 0.0
-
-    @property
-    def bytes_from_client(self) -> int:
-        return self.client.received
-
-    @property
-    def bytes_from_backend(self) -> int:
-        return self.backend.received
-
-    @abc.abstractmethod
-    def start(self) -> None:
-        """Begin relaying; what the endpoints held goes first."""
-
-    @abc.abstractmethod
-    def shutdown(self, reason: str = END_SHUTDOWN) -> None:
-        """Close both sides at once (grace period over, idle timeout)."""
-
-    def _closed_by(self, side: Endpoint) -> None:
-        """An orderly EOF from ``side``: the first cause of the end, unless one is known."""
-        if self.end is None:
-            self.end = END_CLIENT_CLOSED if side is self.client else END_BACKEND_CLOSED
-
-    def _reset_by(self, side: Endpoint) -> None:
-        # A reset after a half-close is still a reset: it is what ended the session.
-        if self.end is None or self.end in (END_CLIENT_CLOSED, END_BACKEND_CLOSED):
-            self.end = END_CLIENT_RESET if side is self.client else END_BACKEND_RESET
-
-    def _shut_down_for(self, reason: str) -> None:
-        if self.end is None or self.end in (END_CLIENT_CLOSED, END_BACKEND_CLOSED):
-            self.end = reason
-
-    def _finish(self) -> None:
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
-        if not self.done.done():
-            self.done.set_result(self.end or END_CLIENT_CLOSED)
-
-    # Idle detection without touching the data path: a timer compares byte counters.
-    def _start_idle_timer(self) -> None:
-        if self._idle_timeout is not None and self.end is None:
-            self._idle_since = self._loop.time()
-            self._idle_seen = self.client.received + self.backend.received
-            self._arm_idle(self._idle_timeout / 4)
-
-    def _arm_idle(self, delay: float) -> None:
-        self._idle_handle = self._loop.call_later(delay, self._check_idle)
-
-    def _check_idle(self) -> None:
-        assert self._idle_timeout is not None
-        now = self._loop.time()
-        seen = self.client.received + self.backend.received
-        if seen != self._idle_seen:
-            self._idle_seen = seen
-            self._idle_since = now
-        elif now - self._idle_since >= self._idle_timeout:
-            self.shutdown(END_IDLE_TIMEOUT)
-            return
-        # Quarter steps: the timeout fires at most a quarter of itself late.
-        self._arm_idle(self._idle_timeout / 4)
+        self.src = src
+        self.src_fd = src_fd
+        self.dst = dst
+        self.dst_fd = dst_fd
+        # Bytes read from src and not yet written to dst (what was held goes first).
+        self.pending: bytes | memoryview | None = held or None
+        # The pipe this flow splices through, held only while bytes are in it.
+        self.pipe: Pipe | None = None
+        # Bytes read from src, held bytes included.
+        self.received = len(held)
+        self.splice_at = splice_at
+        # src sent its EOF; we passed it on (shut dst for writing).
+        self.eof = False
+        self.shut = False
 
 
-class Relay(BaseRelay):
-    """The portable relay: two linked endpoints, each writing what it reads to the other."""
+class Relay:
+    """Two sockets joined. The session derives from this; see the module docstring.
 
-    __slots__ = ()
+    A subclass implements ``_relay_ended(end)`` and sends the events of both sockets
+    to ``_relay_event`` once ``_start_relay`` has run.
+    """
 
-    kind = "copy"
+    __slots__ = ("bmask", "chunk", "cmask", "down", "end", "pool", "reactor", "up")
 
-    def start(self) -> None:
-        """Link the endpoints: flush what each held, then pass on what already happened."""
-        client, backend = self.client, self.backend
-        client.peer, backend.peer = backend, client
-        client.relay = backend.relay = self
-        client.on_change = backend.on_change = None
-        for side in (client, backend):
-            peer = side.peer
-            assert peer is not None and peer.transport is not None
-            if side.held:
-                peer.transport.write(bytes(side.held))
-                side.held.clear()
-        for side in (client, backend):
-            if side.lost:
-                self.lost(side, side.error)
+    # Set by _start_relay.
+    up: Flow
+    down: Flow
+    reactor: Reactor | None
+    pool: PipePool
+    chunk: int
+    cmask: int
+    bmask: int
+    end: str | None
+
+    def _start_relay(
+        self,
+        reactor: Reactor,
+        client: socket.socket,
+        client_mask: int,
+        backend: socket.socket,
+        backend_mask: int,
+        *,
+        to_backend: bytes,
+        to_client: bytes,
+        pool: PipePool,
+        splice_at: int,
+        chunk: int,
+    ) -> None:
+        """Join ``client`` and ``backend`` (each watched with its mask so far, or
+        ``UNWATCHED``); bytes held for either side go first."""
+        client_fd = client.fileno()
+        backend_fd = backend.fileno()
+        self.reactor = reactor
+        self.up = Flow(client, client_fd, backend, backend_fd, held=to_backend, splice_at=splice_at)
+        self.down = Flow(
+            backend, backend_fd, client, client_fd, held=to_client, splice_at=splice_at
+        )
+        self.pool = pool
+        self.chunk = chunk
+        self.end = None
+        self.cmask = client_mask
+        self.bmask = backend_mask
+        if client_mask != UNWATCHED:
+            reactor.hand_over(client_fd, self)  # type: ignore[arg-type]
+        if backend_mask != UNWATCHED:
+            reactor.hand_over(backend_fd, self)  # type: ignore[arg-type]
+        if to_backend:
+            self._flush(self.up)
+        if to_client and self.reactor is not None:
+            self._flush(self.down)
+        if self.reactor is not None:
+            self._update()
+
+    # --- what the subclass provides -----------------------------------------------------
+
+    def _relay_ended(self, end: str) -> None:
+        raise NotImplementedError
+
+    # --- events ----------------------------------------------------------------------
+
+    def _relay_event(self, fd: int, events: int) -> None:
+        up = self.up
+        if fd == up.src_fd:
+            into, out_of = self.down, up
+        else:
+            into, out_of = up, self.down
+        if events & _TRY_WRITE and (into.pending is not None or into.pipe is not None):
+            self._flush(into)
+            if self.reactor is None:
                 return
-        for side in (client, backend):
-            if side.eof:
-                self.eof_from(side)
-        for side in (client, backend):
-            assert side.peer is not None and side.transport is not None
-            if not side.peer.write_paused and not side.eof:
-                side.transport.resume_reading()
-        self._start_idle_timer()
+        if events & _TRY_READ and not out_of.eof and out_of.pending is None and out_of.pipe is None:
+            self._pump(out_of)
+            if self.reactor is None:
+                return
+        self._update()
 
-    def eof_from(self, side: Endpoint) -> None:
-        peer = side.peer
-        assert peer is not None and peer.transport is not None
-        self._closed_by(side)
-        if not peer.transport.is_closing():
-            if peer.transport.can_write_eof():
-                peer.transport.write_eof()
-            else:
-                peer.transport.close()
-        if peer.eof:
-            # Both directions are finished: close (after the buffers drain).
-            self._close_both()
-
-    def lost(self, side: Endpoint, exc: BaseException | None) -> None:
-        peer = side.peer
-        assert peer is not None
-        if exc is not None:
-            self._reset_by(side)
-            peer.abort()
-        elif self.end is None:
-            self._closed_by(side)
-            if peer.transport is not None:
-                peer.transport.close()
-        elif not peer.lost and peer.transport is not None:
-            peer.transport.close()
-        if side.lost and peer.lost:
-            self._finish()
+    @property
+    def relay_kind(self) -> str:
+        """How the bytes moved, as the access log names it."""
+        up, down = self.up, self.down
+        if up.received >= up.splice_at or down.received >= down.splice_at:
+            return RELAY_SPLICE
+        return RELAY_COPY
 
     def shutdown(self, reason: str = END_SHUTDOWN) -> None:
-        """Close both sides at once (grace period over, idle timeout)."""
-        self._shut_down_for(reason)
-        self.client.abort()
-        self.backend.abort()
+        """Close both sides now (grace period over, idle timeout, backend disabled)."""
+        if self.end is None or self.end in _CLOSED_WORDS:
+            self.end = reason
+        self._close()
 
-    def _close_both(self) -> None:
-        for side in (self.client, self.backend):
-            if side.transport is not None:
-                side.transport.close()
+    # --- moving bytes ------------------------------------------------------------------
+
+    def _pump(self, flow: Flow) -> None:
+        """Read what the source has and hand it to the destination."""
+        if flow.received >= flow.splice_at:
+            self._splice(flow)
+            return
+        self._copy(flow)
+
+    def _copy(self, flow: Flow) -> None:
+        try:
+            data = flow.src.recv(self.chunk)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._broken(flow.src_fd)
+            return
+        if not data:
+            self._eof(flow)
+            return
+        flow.received += len(data)
+        try:
+            sent = flow.dst.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._broken(flow.dst_fd)
+            return
+        if sent != len(data):
+            flow.pending = memoryview(data)[sent:]
+
+    def _splice(self, flow: Flow) -> None:
+        pipe = flow.pipe
+        if pipe is None:
+            pipe = self.pool.take()
+            if pipe is None:
+                # No pipe to be had (budget, descriptors, quota): copy this chunk.
+                self._copy(flow)
+                return
+            flow.pipe = pipe
+        for _ in range(ROUNDS_PER_WAKEUP):
+            try:
+                moved = os.splice(flow.src_fd, pipe.write_fd, pipe.size, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._broken(flow.src_fd)
+                return
+            if not moved:
+                flow.pipe = None
+                self.pool.release(pipe)
+                self._eof(flow)
+                return
+            flow.received += moved
+            pipe.pending = moved
+            try:
+                pipe.pending -= os.splice(pipe.read_fd, flow.dst_fd, moved, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._broken(flow.dst_fd)
+                return
+            if pipe.pending:
+                # The destination is full: wait until it drains, reading nothing.
+                return
+        flow.pipe = None
+        self.pool.release(pipe)
+
+    def _flush(self, flow: Flow) -> None:
+        """Write what waits for the destination; pass an EOF on once it has gone."""
+        pending = flow.pending
+        if pending is not None:
+            try:
+                sent = flow.dst.send(pending)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._broken(flow.dst_fd)
+                return
+            if sent != len(pending):
+                flow.pending = pending[sent:]
+                return
+            flow.pending = None
+        pipe = flow.pipe
+        if pipe is not None:
+            try:
+                pipe.pending -= os.splice(
+                    pipe.read_fd, flow.dst_fd, pipe.pending, flags=SPLICE_FLAGS
+                )
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._broken(flow.dst_fd)
+                return
+            if pipe.pending:
+                return
+            flow.pipe = None
+            self.pool.release(pipe)
+        if flow.eof:
+            self._eof(flow)
+
+    def _eof(self, flow: Flow) -> None:
+        """The source sent its EOF: pass it on once nothing of it waits any more."""
+        flow.eof = True
+        if self.end is None:
+            self.end = END_CLIENT_CLOSED if flow is self.up else END_BACKEND_CLOSED
+        if flow.pending is not None or flow.pipe is not None:
+            return
+        other = self.down if flow is self.up else self.up
+        if other.shut:
+            # Both directions are finished: closing sends the last FIN.
+            self._close()
+            return
+        try:
+            flow.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._broken(flow.dst_fd)
+            return
+        flow.shut = True
+
+    def _broken(self, fd: int) -> None:
+        """A socket failed: that side reset; pass the reset on to the other at once."""
+        up = self.up
+        client = fd == up.src_fd
+        # A reset after a half-close is still a reset: it is what ended the session.
+        if self.end is None or self.end in _CLOSED_WORDS:
+            self.end = END_CLIENT_RESET if client else END_BACKEND_RESET
+        other = up.dst if client else up.src
+        with contextlib.suppress(OSError):
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        self._close()
+
+    # --- interest ----------------------------------------------------------------------
+
+    def _update(self) -> None:
+        """Watch each socket for what its flows need now, and nothing else."""
+        up, down = self.up, self.down
+        want = (IN if not up.eof and up.pending is None and up.pipe is None else 0) | (
+            OUT if down.pending is not None or down.pipe is not None else 0
+        )
+        if want != self.cmask:
+            self.cmask = self._rewatch(up.src_fd, self.cmask, want)
+        want = (IN if not down.eof and down.pending is None and down.pipe is None else 0) | (
+            OUT if up.pending is not None or up.pipe is not None else 0
+        )
+        if want != self.bmask:
+            self.bmask = self._rewatch(down.src_fd, self.bmask, want)
+
+    def _rewatch(self, fd: int, old: int, new: int) -> int:
+        reactor = self.reactor
+        assert reactor is not None
+        if not new:
+            if old != UNWATCHED:
+                reactor.remove(fd)
+            return UNWATCHED
+        if old == UNWATCHED:
+            reactor.add(fd, new, self)  # type: ignore[arg-type]
+        else:
+            reactor.modify(fd, new)
+        return new
+
+    def _close(self) -> None:
+        reactor = self.reactor
+        if reactor is None:
+            return
+        self.reactor = None
+        up, down = self.up, self.down
+        for flow in (up, down):
+            if flow.pipe is not None:
+                # A pipe with bytes left in it is closed, never reused (see PipePool).
+                self.pool.release(flow.pipe)
+                flow.pipe = None
+        reactor.forget(up.src_fd)
+        reactor.forget(up.dst_fd)
+        up.src.close()
+        up.dst.close()
+        self._relay_ended(self.end or END_CLIENT_CLOSED)

@@ -66,6 +66,19 @@ class Resolver:
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
 
+    def cached(self, host: str, port: int) -> Addresses | None:
+        """The answer if one is at hand, without waiting: a fresh one, or a stale one
+        (a refresh then starts behind the caller's back); None: ``resolve`` must ask.
+        Raises the remembered failure of a name that did not resolve a moment ago."""
+        entry = self._entries.get((host, port))
+        if entry is None:
+            return None
+        if entry.expires > self._now():
+            if entry.error is not None:
+                raise type(entry.error)(*entry.error.args)
+            return entry.addresses
+        return None
+
     async def resolve(self, host: str, port: int, ttl: float) -> Addresses:
         """Raises OSError (``socket.gaierror``) when the name cannot be resolved."""
         if is_ip_literal(host):

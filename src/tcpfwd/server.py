@@ -27,27 +27,26 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .accesslog import AccessLog, configure_logging, reopen_log_files
 from .config import Address, Config, ConfigError
-from .dialer import OUTCOME_OK
+from .dialer import OUTCOME_OK, apply_options
 from .health import HealthTable
 from .listener import Listener, ListenError, open_listening_sockets
 from .metrics import service_summary
 from .monitor import HealthKey, HealthMonitor
+from .reactor import Reactor
 from .resolver import Resolver
-from .session import (
+from .service import (
     ADMIN_DISABLED,
     ADMIN_ENABLED,
-    REJECT_GLOBAL_LIMIT,
     DaemonState,
     ServiceRuntime,
-    Session,
 )
+from .session import Session, turn_away
 from .splice import (
     DESCRIPTORS_PER_SESSION,
     PIPE_POOL_MAX,
@@ -73,8 +72,6 @@ log = logging.getLogger("tcpfwd")
 
 __all__ = ["ListenError", "Server", "run"]
 
-# A rejected connection is logged at most this often per service and cause.
-REJECT_LOG_INTERVAL = 10.0
 STATUS_INTERVAL = 5.0
 
 
@@ -165,12 +162,6 @@ def drop_privileges(user: str | None, group: str | None) -> None:
         raise ListenError(f"cannot switch to user {user} group {group}: {error.strerror}") from None
 
 
-@dataclass
-class _RejectLog:
-    count: int = 0
-    last: float = 0.0
-
-
 class Server:
     def __init__(
         self,
@@ -190,6 +181,8 @@ class Server:
         budget = pipe_budget(self._fd_limit) if spliceable else 0
         self.pipes = PipePool(keep=keep, limit=budget)
         self.daemon = DaemonState(self.access_log, self.pipes)
+        self.daemon.on_hold = self._hold
+        self.reactor: Reactor | None = None
         # The one place backend health lives, keyed by (service, backend name): read by
         # the status page and metrics, and kept across reloads for unchanged backends.
         self.health: HealthTable[HealthKey] = HealthTable()
@@ -202,12 +195,8 @@ class Server:
         # Listening sockets by the configured address they serve (one address may need
         # several sockets: every interface, or every address of a name).
         self.listeners: dict[ListenKey, list[Listener]] = {}
-        self._listener_service: dict[Listener, ServiceRuntime] = {}
-        self.sessions: set[Session] = set()
         self.capacity = self._capacity_for(config)
-        self._at_capacity = False
         self._last_capacity_log = 0.0
-        self._rejects: dict[tuple[str, str], _RejectLog] = {}
         self._inherited: list[socket.socket] = []
         # A worker's listening sockets, bound by its supervisor (workers.py), by address.
         self.given: dict[ListenKey, list[socket.socket]] = {}
@@ -221,12 +210,17 @@ class Server:
         self._reloading = False
         self._serving = False
 
+    @property
+    def sessions(self) -> set[Session]:
+        return self.daemon.sessions
+
     def _capacity_for(self, config: Config) -> int:
         spliced = any(choose_relay(s.settings.relay) == RELAY_SPLICE for s in config.services)
-        per_session = DESCRIPTORS_PER_SESSION if spliced else 2
         # Every pipe the pool may open holds two descriptors, whichever session uses it.
         pipes = self.pipes.limit if self.pipes.limit is not None else self.pipes.keep
-        return session_capacity(self._fd_limit, per_session, held=2 * pipes if spliced else 0)
+        return session_capacity(
+            self._fd_limit, DESCRIPTORS_PER_SESSION, held=2 * pipes if spliced else 0
+        )
 
     # --- listening sockets -----------------------------------------------------------
 
@@ -297,7 +291,6 @@ class Server:
         for address in list(self.listeners):
             if address not in wanted:
                 for listener in self.listeners.pop(address):
-                    self._listener_service.pop(listener, None)
                     listener.close()
                     log.info("no longer listening on %s", listener.name)
         for address, socks in opened.items():
@@ -305,24 +298,35 @@ class Server:
         for address, service_config in wanted.items():
             runtime = services[service_config.name]
             for listener in self.listeners[address]:
-                self._listener_service[listener] = runtime
+                if listener.service is None or listener.service.listen_options != (
+                    runtime.listen_options
+                ):
+                    # Accepted sockets inherit these: none of them needs its own calls.
+                    apply_options(listener.sock, runtime.listen_options)
+                listener.service = runtime
                 listener.set_rate(service_config.settings.accept_rate)
         self.services = services
         self.config = config
-        # A reload may switch relays, and a spliced session holds more descriptors.
+        # A reload may switch relays, and pipes hold descriptors of their own.
         self.capacity = self._capacity_for(config)
+        daemon = self.daemon
+        daemon.capacity = self.capacity
+        daemon.max_connections = config.max_connections
+        daemon.set_services(list(services.values()))
         configured = {(s.name, b.name) for s in config.services for b in s.backends}
         for key in [k for k in self.daemon.admin_states if k not in configured]:
             del self.daemon.admin_states[key]
         self.monitor.retain(configured)
 
     def _start_listeners(self) -> None:
+        assert self.reactor is not None
         for address_listeners in self.listeners.values():
             for listener in address_listeners:
                 if not listener.started:
-                    listener.start()
-                    service = self._listener_service[listener]
-                    log.info("listening on %s for service %s", listener.name, service.name)
+                    if self.daemon.is_held(listener.service):
+                        listener.hold()
+                    listener.start(self.reactor)
+                    log.info("listening on %s for service %s", listener.name, listener.service.name)
 
     def _all_listeners(self) -> list[Listener]:
         return [each for group in self.listeners.values() for each in group]
@@ -330,54 +334,42 @@ class Server:
     # --- connections -----------------------------------------------------------------
 
     def _accepted(self, listener: Listener, sock: socket.socket, peer: tuple[str, int]) -> None:
-        service = self._listener_service[listener]
-        cause = service.admit(peer[0])
-        limit = self.config.max_connections
-        if cause is None and limit is not None and len(self.sessions) >= limit:
-            cause = REJECT_GLOBAL_LIMIT
-        if cause is not None:
-            sock.close()
-            self._rejected(service, cause, peer)
+        service: ServiceRuntime = listener.service
+        refused = service.admit(peer)
+        if refused is not None:
+            turn_away(sock)
+            service.turned_away(refused[0], peer, refused[1])
             return
-        session = Session(service, listener.name, sock, peer)
-        self.sessions.add(session)
-        session.start(self._session_done)
-        if len(self.sessions) >= self.capacity and not self._at_capacity:
-            self._at_capacity = True
-            for each in self._all_listeners():
-                each.hold()
-            now = time.monotonic()
-            if now - self._last_capacity_log >= 10.0:
-                self._last_capacity_log = now
+        Session(service, listener, sock, peer).start()
+
+    def _hold(self, service: ServiceRuntime | None, hold: bool) -> None:
+        """Stop (or resume) accepting: every listener at full capacity, or one
+        service's listeners when it has taken what its fair share allows."""
+        daemon = self.daemon
+        for listener in self._all_listeners():
+            if service is not None and listener.service is not service:
+                continue
+            if hold:
+                listener.hold()
+            elif not daemon.is_held(listener.service):
+                listener.release()
+        if not hold:
+            return
+        now = time.monotonic()
+        if now - self._last_capacity_log >= 10.0:
+            self._last_capacity_log = now
+            if service is None:
                 log.warning(
                     "%d sessions: descriptor limit reached; new connections wait in the queue",
-                    len(self.sessions),
+                    len(daemon.sessions),
                 )
-
-    def _rejected(self, service: ServiceRuntime, cause: str, peer: tuple[str, int]) -> None:
-        service.stats.rejected[cause] += 1
-        entry = self._rejects.setdefault((service.name, cause), _RejectLog())
-        entry.count += 1
-        now = time.monotonic()
-        if now - entry.last >= REJECT_LOG_INTERVAL:
-            log.warning(
-                "service %s closed %d connection(s) at once (%s), the latest from %s",
-                service.name,
-                entry.count,
-                cause,
-                peer[0],
-            )
-            entry.count = 0
-            entry.last = now
-
-    def _session_done(self, session: Session) -> None:
-        self.sessions.discard(session)
-        if self._at_capacity and len(self.sessions) < self.capacity:
-            self._at_capacity = False
-            for listener in self._all_listeners():
-                listener.release()
-        if not self.sessions and self._idle is not None:
-            self._idle.set()
+            else:
+                log.warning(
+                    "service %s has %d sessions, all the places the other services leave it "
+                    "(reserved_connections); its new connections wait in the queue",
+                    service.name,
+                    service.stats.active,
+                )
 
     # --- reload ----------------------------------------------------------------------
 
@@ -482,7 +474,8 @@ class Server:
         self.daemon.admin_states[(service, backend)] = state
         if state == ADMIN_DISABLED:
             for session in list(self.sessions):
-                if session.service.name == service and session.record.backend == backend:
+                target = session.backend
+                if session.service.name == service and target and target.name == backend:
                     session.abort()
         return None
 
@@ -520,9 +513,9 @@ class Server:
                     "name": runtime.name,
                     "listen": [
                         listener.name
-                        for key, group in self.listeners.items()
+                        for group in self.listeners.values()
                         for listener in group
-                        if self._listener_service.get(listener) is runtime
+                        if listener.service is runtime
                     ],
                     "policy": runtime.settings.policy,
                     **service_summary(stats),
@@ -585,7 +578,10 @@ class Server:
         """Accept until a stop request, then drain."""
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        self._idle = asyncio.Event()
+        self._idle = idle = asyncio.Event()
+        self.reactor = self.daemon.reactor = Reactor(loop)
+        self.daemon.on_idle = idle.set
+        self.access_log.batch_with(self.reactor.after_batch)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -628,6 +624,9 @@ class Server:
             await self.admin.stop()
         await self.monitor.stop()
         await self.resolver.close()
+        self.access_log.batch_with(None)
+        self.reactor.close()
+        self.reactor = self.daemon.reactor = None
         self.pipes.close()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(signum)

@@ -1,69 +1,76 @@
-"""One client connection from accept to end.
+"""One client connection from accept to end: a small state machine on readiness events.
 
-A session wraps the accepted socket (its bytes are held, not lost, while a backend is
-chosen), asks the dialer for the first backend that connects in the service's order,
-links the two sockets in a relay, waits for it to end, and writes one access line.
-Nothing that goes wrong inside a session escapes it.
+Stages: (PROXY header →) dial (→ hold → dial ...) → relay → ended. A session has no
+transport, task or future of its own: the reactor calls it when one of its sockets is
+ready or one of its timers is due, and it does what that stage needs.
 
-With ``accept_proxy`` the session first checks that the peer is trusted and reads its
-PROXY header; from then on the header's client address is the session's client (for
-the backend order, the log line and the header sent on), and the peer is shown as
-``via``. With ``send_proxy`` the dialer writes the header before any client byte.
+- header: with ``accept_proxy``, the client's PROXY header is read and checked; from then
+  on the header's client address is the session's client (for the backend order, the
+  log line and the header sent on), and the peer is shown as ``via``.
+- dial: a `~.dialer.Dial` tries the service's backends in order. The client's bytes
+  wait in its socket meanwhile. Should the dial take a while, the client is watched for
+  leaving (a reset ends the session at once; in hold mode, an EOF does too).
+- hold: with ``hold_timeout``, a pass that found no backend is followed by another after
+  a pause, while the client waits.
+- relay: the byte pump of `~.relay.Relay`, which this class extends.
+- ended: one access line, the counters, the session's place freed.
+
+A client that is turned away (no backend, a limit, a bad header) gets a FIN, not a
+reset: what it already sent is read and dropped first. Nothing that goes wrong inside a
+session escapes it: the reactor reports the error and the session ends as
+``internal_error``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import itertools
 import logging
 import os
 import socket
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 
-from .accesslog import AccessLog, SessionRecord, format_timestamp
-from .config import (
-    ACCEPT_PROXY_OFF,
-    ACCEPT_PROXY_OPTIONAL,
-    BackendConfig,
-    ServiceConfig,
-    format_hostport,
-)
-from .dialer import OUTCOME_OK, Attempt, Connected, Dialer, configure_socket
-from .metrics import ServiceStats
-from .monitor import HealthMonitor
-from .policy import Candidate, PolicyName, Scheduler
-from .proxy_accept import (
-    END_UNTRUSTED,
-    ClientGone,
-    HeaderRejected,
-    addresses_of,
-    is_trusted,
-    receive_header,
-)
+from .accesslog import AttemptResult, SessionRecord
+from .config import ACCEPT_PROXY_OFF, ACCEPT_PROXY_OPTIONAL, SendProxySettings, format_hostport
+from .dialer import Attempt, Dial, apply_options
+from .proxy_accept import ClientGone, HeaderReader, HeaderRejected, addresses_of
+from .proxy_protocol import ProxyHeader
 from .proxy_send import SessionHeaders
-from .relay import END_CLIENT_CLOSED, END_SHUTDOWN, BaseRelay, Endpoint, Relay
-from .resolver import Resolver
-from .splice import RELAY_SPLICE, PipePool, choose_relay, take_over
+from .reactor import ERR, HUP, IN, RDHUP
+from .relay import END_CLIENT_CLOSED, END_IDLE_TIMEOUT, END_SHUTDOWN, UNWATCHED, Relay
+
+if TYPE_CHECKING:
+    from .listener import Listener
+    from .service import ServiceRuntime, Target
+
+log = logging.getLogger("tcpfwd")
 
 END_NO_BACKEND: Final = "no_backend"
 END_CLIENT_ABORTED: Final = "client_aborted"
 END_ERROR: Final = "internal_error"
 
 # Hold mode: pauses between passes over the backends, doubling up to the maximum.
-HOLD_FIRST_PAUSE = 0.25
-HOLD_MAX_PAUSE = 2.0
+HOLD_FIRST_PAUSE: Final = 0.25
+HOLD_MAX_PAUSE: Final = 2.0
 # A session line lists at most this many attempts; a long hold counts the rest.
-MAX_LOGGED_ATTEMPTS = 32
+MAX_LOGGED_ATTEMPTS: Final = 32
+# A dial still going after this long has its client watched for leaving; most dials
+# are over sooner, and spare the client's socket that system call.
+WATCH_CLIENT_AFTER: Final = 0.05
+# TCP keepalive on the backend side is switched on once a session has lived this long
+# (the client side inherits it from the listening socket): it only matters after its
+# idle time, and a short session is spared four system calls.
+KEEPALIVE_AFTER: Final = 1.0
+# What a turned-away client's socket is drained of, at most, before it is closed.
+_DRAIN_ROUNDS: Final = 4
 
-log = logging.getLogger("tcpfwd")
+# Stages.
+_HEADER, _DIALING, _HELD, _RELAYING, _ENDED = 1, 2, 3, 4, 5
+# Timer kinds.
+_T_HEADER, _T_WATCH, _T_HOLD, _T_KEEPALIVE = 1, 2, 3, 4
 
 # Session ids: unique per process start (random prefix) and ordered within it.
-_ID_PREFIX = os.urandom(3).hex()
+_ID_PREFIX: Final = os.urandom(3).hex()
 _next_number = itertools.count(1)
 
 
@@ -71,493 +78,415 @@ def new_session_id() -> str:
     return f"{_ID_PREFIX}-{next(_next_number):x}"
 
 
-# Why a connection was closed before it became a session; counted per service.
-REJECT_DENIED = "denied"
-REJECT_SERVICE_LIMIT = "service_limit"
-REJECT_CLIENT_LIMIT = "client_limit"
-REJECT_GLOBAL_LIMIT = "global_limit"
+class Session(Relay):
+    """One client connection; see the module docstring."""
 
-
-ADMIN_ENABLED: Final = "enabled"
-ADMIN_DRAINING: Final = "draining"
-ADMIN_DISABLED: Final = "disabled"
-RECENT_FAILOVERS = 50
-
-
-@dataclass(slots=True)
-class DaemonState:
-    """What every service shares with the daemon, across reloads."""
-
-    access_log: AccessLog
-    # Idle pipes of the splice relay, shared by every service.
-    pipes: PipePool = field(default_factory=lambda: PipePool(keep=0))
-    # Administrative state by (service, backend); absent means enabled.
-    admin_states: dict[tuple[str, str], str] = field(default_factory=dict)
-    recent_failovers: deque[dict[str, Any]] = field(
-        default_factory=lambda: deque(maxlen=RECENT_FAILOVERS)
-    )
-
-
-@dataclass(slots=True)
-class BackendView:
-    """A backend as the status page and metrics see it right now."""
-
-    name: str
-    address: str
-    up: bool
-    admin_state: str
-    active: int
-
-
-class ServiceRuntime:
-    """What sessions of one service share: config, dialer, scheduler, health, limits, counts.
-
-    ``plan()`` is where policy, health and the operator meet: the scheduler orders the
-    backends from their tier, weight, health and live session counts; down backends come
-    last (fail open); full, draining and disabled ones are left out.
-    """
-
-    def __init__(
-        self,
-        config: ServiceConfig,
-        daemon: DaemonState,
-        monitor: HealthMonitor,
-        resolver: Resolver,
-        stats: ServiceStats | None = None,
-    ) -> None:
-        self.config = config
-        self.name = config.name
-        self.settings = config.settings
-        self.dialer = Dialer(config.settings, resolver)
-        self.daemon = daemon
-        self.access_log = daemon.access_log
-        # Counters, live counts included, outlive a reload of the service.
-        self.stats = stats or ServiceStats()
-        self.scheduler = Scheduler(PolicyName(config.settings.policy))
-        self._monitor = monitor
-        self._health = monitor.register(config)
-        self._backend_stats = [self.stats.backend(b.name) for b in config.backends]
-        self.relay = choose_relay(config.settings.relay)
-        # Failover with nothing down, full, draining or disabled has one answer, the
-        # configured order: worked out once here rather than per connection. Services
-        # where a backend has max_connections never take the shortcut (fullness is live).
-        self._all_up_order: tuple[BackendConfig, ...] | None = None
-        if self.scheduler.policy is PolicyName.FAILOVER and all(
-            b.max_connections is None for b in config.backends
-        ):
-            everyone = [
-                Candidate(index=i, tier=b.tier, weight=b.weight, name=b.name)
-                for i, b in enumerate(config.backends)
-            ]
-            order = Scheduler(PolicyName.FAILOVER).order(everyone)
-            self._all_up_order = tuple(config.backends[i] for i in order)
-
-    def admin_state(self, backend: str) -> str:
-        return self.daemon.admin_states.get((self.name, backend), ADMIN_ENABLED)
-
-    def plan(self, client: tuple[str, int]) -> list[BackendConfig]:
-        """The order in which to try the backends for this client."""
-        states = self.daemon.admin_states
-        shortcut = self._all_up_order
-        if (
-            shortcut is not None
-            and not states
-            and all(health is None or health.is_up for health in self._health)
-        ):
-            return list(shortcut)
-        backends = self.config.backends
-        candidates = [
-            Candidate(
-                index=i,
-                tier=backend.tier,
-                weight=backend.weight,
-                up=health is None or health.is_up,
-                available=(
-                    backend.max_connections is None or stats.active < backend.max_connections
-                )
-                and (not states or (self.name, backend.name) not in states),
-                active=stats.active,
-                name=backend.name,
-            )
-            for i, (backend, health, stats) in enumerate(
-                zip(backends, self._health, self._backend_stats, strict=True)
-            )
-        ]
-        return [backends[i] for i in self.scheduler.order(candidates, client[0])]
-
-    def backend_views(self) -> list[BackendView]:
-        return [
-            BackendView(
-                name=backend.name,
-                address=str(backend.address),
-                up=health is None or health.is_up,
-                admin_state=self.admin_state(backend.name),
-                active=stats.active,
-            )
-            for backend, health, stats in zip(
-                self.config.backends, self._health, self._backend_stats, strict=True
-            )
-        ]
-
-    def new_relay(self, client: Endpoint, backend: Endpoint) -> BaseRelay:
-        """The service's relay for two endpoints; copy where splice declines this session."""
-        idle_timeout = self.settings.idle_timeout
-        if self.relay == RELAY_SPLICE:
-            spliced = take_over(client, backend, self.daemon.pipes, idle_timeout=idle_timeout)
-            if spliced is not None:
-                return spliced
-        return Relay(client, backend, idle_timeout=idle_timeout)
-
-    # --- AttemptGate: the dialer reports here ----------------------------------------
-
-    def acquire(self, backend: BackendConfig) -> bool:
-        stats = self.stats.backend(backend.name)
-        if backend.max_connections is not None and stats.active >= backend.max_connections:
-            return False
-        stats.active += 1
-        return True
-
-    def release(self, backend: BackendConfig) -> None:
-        self.stats.backend(backend.name).active -= 1
-
-    def succeeded(self, backend: BackendConfig) -> None:
-        self._monitor.passive_success(self.name, backend.name)
-
-    def failed(self, backend: BackendConfig, reason: str) -> None:
-        self._monitor.passive_failure(self.name, backend.name, reason)
-
-    # --- admission and accounting ----------------------------------------------------
-
-    def admit(self, client_ip: str) -> str | None:
-        """Why a connection from ``client_ip`` must be closed at once, or None to serve it.
-
-        Where clients come through a PROXY header, ``client_ip`` is the sender of the
-        header (a load balancer): the access lists and the per-client limit wait for the
-        header to name the real client (``readmit``).
-        """
-        settings = self.settings
-        stats = self.stats
-        if settings.max_connections is not None and stats.active >= settings.max_connections:
-            return REJECT_SERVICE_LIMIT
-        if settings.accept_proxy != ACCEPT_PROXY_OFF:
-            return None
-        if self._denied(client_ip):
-            return REJECT_DENIED
-        limit = settings.max_connections_per_client
-        if limit is not None and stats.per_client.get(client_ip, 0) >= limit:
-            return REJECT_CLIENT_LIMIT
-        return None
-
-    def readmit(self, counted_ip: str, client_ip: str) -> str | None:
-        """A PROXY header named the real client: count it instead, and apply the access
-        lists and the per-client limit to it. Why it must be closed, or None."""
-        stats = self.stats
-        if counted_ip != client_ip:
-            self._uncount(counted_ip)
-            stats.per_client[client_ip] = stats.per_client.get(client_ip, 0) + 1
-        if self._denied(client_ip):
-            return REJECT_DENIED
-        limit = self.settings.max_connections_per_client
-        if limit is not None and stats.per_client[client_ip] > limit:
-            return REJECT_CLIENT_LIMIT
-        return None
-
-    def _denied(self, client_ip: str) -> bool:
-        settings = self.settings
-        if not settings.allow and not settings.deny:
-            return False
-        address = ipaddress.ip_address(client_ip.split("%", 1)[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if any(address in network for network in settings.deny):
-            return True
-        return bool(settings.allow) and not any(address in net for net in settings.allow)
-
-    def _uncount(self, client_ip: str) -> None:
-        per_client = self.stats.per_client
-        remaining = per_client.get(client_ip, 1) - 1
-        if remaining:
-            per_client[client_ip] = remaining
-        else:
-            per_client.pop(client_ip, None)
-
-    def session_started(self, client_ip: str) -> None:
-        stats = self.stats
-        stats.active += 1
-        stats.per_client[client_ip] = stats.per_client.get(client_ip, 0) + 1
-
-    def session_ended(self, client_ip: str, record: SessionRecord) -> None:
-        stats = self.stats
-        stats.active -= 1
-        self._uncount(client_ip)
-        stats.ends[record.end] += 1
-        stats.bytes_from_client += record.from_client
-        stats.bytes_from_backend += record.from_backend
-        failed = False
-        for attempt in record.attempts:
-            stats.backend(attempt.backend).attempts[attempt.outcome] += 1
-            failed = failed or attempt.outcome != OUTCOME_OK
-        if record.backend is not None:
-            stats.backend(record.backend).sessions += 1
-        if record.connect_time is not None:
-            stats.connect_seconds.observe(record.connect_time)
-        if failed:
-            self.daemon.recent_failovers.append(
-                {
-                    "time": format_timestamp(record.started),
-                    "session": record.session,
-                    "service": self.name,
-                    "client": record.client,
-                    "failed": [
-                        {"backend": a.backend, "address": a.address, "outcome": a.outcome}
-                        for a in record.attempts
-                        if a.outcome != OUTCOME_OK
-                    ],
-                    "backend": record.backend,
-                }
-            )
-
-
-class Session:
     __slots__ = (
+        "_attempt_time",
+        "_backend_address",
         "_began",
-        "_client",
-        "_client_gone",
-        "_connected",
-        "_header_bytes",
-        "_holding",
-        "_on_done",
-        "_relay",
-        "_sock",
-        "_task",
-        "client_address",
+        "_connect_time",
+        "_counted",
+        "_dial",
+        "_dial_began",
+        "_early",
+        "_failed",
+        "_headers",
+        "_held",
+        "_hold_pause",
+        "_omitted",
+        "_reader",
+        "_to_client",
+        "backend",
+        "client",
+        "client_eof",
+        "csock",
         "destination",
+        "idle_seen",
+        "idle_ticks",
         "listener",
+        "local",
+        "number",
         "peer",
-        "record",
         "service",
+        "stage",
     )
 
     def __init__(
         self,
         service: ServiceRuntime,
-        listener: str,
+        listener: Listener,
         sock: socket.socket,
         peer: tuple[str, int],
     ) -> None:
         self.service = service
         self.listener = listener
+        self.csock = sock
         self.peer = peer
         # Who the client is and what it connected to: the peer and our socket's own
         # address, unless a trusted PROXY header says otherwise.
-        self.client_address = peer
+        self.client = peer
         self.destination: tuple[str, int] | None = None
-        self._header_bytes = 0
-        self._sock = sock
-        self._client: Endpoint | None = None
-        self._relay: BaseRelay | None = None
-        self._connected: BackendConfig | None = None
-        self._holding = False
-        self._task: asyncio.Task[None] | None = None
-        self._client_gone = False
-        self.record = SessionRecord(
-            session=new_session_id(),
-            started=time.time(),
-            client=format_hostport(peer[0], peer[1]),
-            listener=listener,
-            service=service.name,
-        )
-
-    def start(self, on_done: Callable[[Session], None]) -> None:
+        self.number = next(_next_number)
         self._began = time.monotonic()
-        self.service.session_started(self.peer[0])
-        self._on_done = on_done
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self.stage = _DIALING
+        self.reactor = service.daemon.reactor
+        self.cmask = UNWATCHED
+        self.end = None
+        self.client_eof = False
+        self.backend: Target | None = None
+        self.local: tuple[str, int] | None = None
+        self._dial: Dial | None = None
+        self._failed: list[AttemptResult] | None = None
+        self._omitted = 0
+        self._held: float | None = None
+        self._early = b""
+        self._headers: SessionHeaders | None = None
+        self._connect_time: float | None = None
+        self._hold_pause = HOLD_FIRST_PAUSE
+
+    def __repr__(self) -> str:
+        return f"Session({self.session_id}, {self.service.name})"
+
+    @property
+    def session_id(self) -> str:
+        return f"{_ID_PREFIX}-{self.number:x}"
+
+    # --- start -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        service = self.service
+        self._counted = service.session_started(self.peer[0])
+        service.daemon.session_started(self, service)
+        settings = service.settings
+        if settings.accept_proxy != ACCEPT_PROXY_OFF:
+            self.stage = _HEADER
+            self._reader: HeaderReader | None = HeaderReader(
+                optional=settings.accept_proxy == ACCEPT_PROXY_OPTIONAL
+            )
+            reactor = self.reactor
+            assert reactor is not None
+            reactor.add(self.csock.fileno(), IN, self)
+            self.cmask = IN
+            reactor.call_later(settings.proxy_header_timeout, self, _T_HEADER)
+            return
+        self._dial_began = self._began
+        self._start_dial()
+        self.reactor.call_later(WATCH_CLIENT_AFTER, self, _T_WATCH)  # type: ignore[union-attr]
+
+    def _start_dial(self) -> None:
+        service = self.service
+        self.stage = _DIALING
+        if service.needs_destination and self.destination is None:
+            try:
+                name = self.csock.getsockname()
+                self.destination = (name[0], name[1])
+            except OSError:
+                pass
+        reactor = self.reactor
+        assert reactor is not None
+        dial = self._dial = Dial(self, service.plan(self.client[0]), reactor)
+        dial.start()
+
+    # --- events ----------------------------------------------------------------------
+
+    def on_event(self, fd: int, events: int) -> None:
+        stage = self.stage
+        if stage == _RELAYING:
+            self._relay_event(fd, events)
+        elif stage == _HEADER:
+            self._read_header()
+        elif stage != _ENDED:
+            self._client_stirred(events)
+
+    def on_timer(self, kind: int) -> None:
+        stage = self.stage
+        if kind == _T_WATCH:
+            if stage == _DIALING and self.cmask == UNWATCHED:
+                self._watch_client(RDHUP)
+        elif kind == _T_KEEPALIVE:
+            if stage == _RELAYING and self.reactor is not None:
+                apply_options(self.up.dst, self.service.keepalive_options)
+        elif kind == _T_HOLD:
+            if stage == _HELD:
+                self._start_dial()
+        elif kind == _T_HEADER and stage == _HEADER:
+            reader = self._reader
+            assert reader is not None
+            try:
+                result = reader.timed_out(self.service.settings.proxy_header_timeout)
+            except HeaderRejected as rejected:
+                self._refuse(rejected.end, rejected.reason)
+                return
+            self._header_done(*result)
+
+    def on_failure(self, error: BaseException) -> None:
+        if self.stage == _RELAYING:
+            self.shutdown("internal_error")
+        elif self.stage != _ENDED:
+            self._abandon(END_ERROR)
+
+    def _watch_client(self, mask: int) -> None:
+        reactor = self.reactor
+        assert reactor is not None
+        fd = self.csock.fileno()
+        if self.cmask == UNWATCHED:
+            reactor.add(fd, mask, self)
+        else:
+            reactor.modify(fd, mask)
+        self.cmask = mask
+
+    def _client_stirred(self, events: int) -> None:
+        """The client's socket spoke while no backend is joined: has the client left?"""
+        if events & (ERR | HUP):
+            self._abandon(END_CLIENT_ABORTED)
+            return
+        if events & RDHUP:
+            self.client_eof = True
+            if self.stage == _HELD:
+                # While held, an EOF counts as leaving too (as HAProxy's abortonclose): a
+                # client that has heard nothing from us and stopped sending is almost
+                # always gone, and a FIN cannot be told from a half-close without writing.
+                self._abandon(END_CLIENT_ABORTED)
+                return
+            # A half-close after the request: it waits in the socket for the relay.
+            # Still told of a reset (always reported), no longer of the EOF.
+            self._watch_client(0)
+
+    # --- PROXY header ------------------------------------------------------------------
+
+    def _read_header(self) -> None:
+        reader = self._reader
+        assert reader is not None
+        try:
+            result: tuple[ProxyHeader | None, bytes] | None
+            try:
+                data = self.csock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                result = reader.feed_eof(reset=True)
+            else:
+                result = reader.feed(data) if data else reader.feed_eof(reset=False)
+        except HeaderRejected as rejected:
+            self._refuse(rejected.end, rejected.reason)
+            return
+        except ClientGone as gone:
+            self._abandon(END_CLIENT_ABORTED if gone.reset else END_CLIENT_CLOSED)
+            return
+        if result is not None:
+            self._header_done(*result)
+
+    def _header_done(self, header: ProxyHeader | None, rest: bytes) -> None:
+        """The header is read (or there is none): adopt its addresses, then dial."""
+        self._early = rest
+        self._reader = None
+        service = self.service
+        if header is not None:
+            addresses = addresses_of(header)
+            if addresses is not None:
+                self.client, self.destination = addresses
+        self._counted, refused = service.readmit(self._counted, self.client[0])
+        if refused is not None:
+            self._refuse(*refused)
+            return
+        # Not read again until the relay; still told of a reset.
+        self._watch_client(0)
+        self._dial_began = time.monotonic()
+        self._start_dial()
+
+    def proxy_header(self, settings: SendProxySettings) -> bytes | None:
+        headers = self._headers
+        if headers is None:
+            if self.destination is None:
+                return None
+            headers = self._headers = SessionHeaders(
+                self.client, self.destination, self.session_id.encode("ascii")
+            )
+        return headers.for_backend(settings)
+
+    # --- dial ------------------------------------------------------------------------
+
+    def attempt_failed(self, target: Target, address: str, outcome: str, elapsed: float) -> None:
+        failed = self._failed
+        if failed is None:
+            failed = self._failed = []
+        failed.append(AttemptResult(target.name, address, outcome, elapsed))
+
+    def dial_connected(self, attempt: Attempt) -> None:
+        self._dial = None
+        now = time.monotonic()
+        self.backend = attempt.target
+        self._backend_address = attempt.address
+        self.local = attempt.local
+        self._attempt_time = now - attempt.started
+        self._connect_time = waited = now - self._dial_began
+        if self._held is not None:
+            self._held = waited
+        self._trim_attempts()
+        service = self.service
+        settings = service.settings
+        self.stage = _RELAYING
+        reactor = self.reactor
+        assert reactor is not None
+        if settings.idle_timeout is not None:
+            self.idle_seen = -1
+            self.idle_ticks = 0
+            service.watch_idle(self)
+        if service.keepalive_options:
+            reactor.call_later(KEEPALIVE_AFTER, self, _T_KEEPALIVE)
+        self._start_relay(
+            reactor,
+            self.csock,
+            self.cmask,
+            attempt.take(),
+            attempt.mask,
+            to_backend=self._early,
+            to_client=attempt.greeting,
+            pool=service.daemon.pipes,
+            splice_at=service.splice_after,
+            chunk=service.chunk,
+        )
+        self._early = b""
+
+    def dial_failed(self) -> None:
+        self._dial = None
+        self._trim_attempts()
+        hold = self.service.settings.hold_timeout
+        waited = time.monotonic() - self._dial_began
+        if hold is None or waited >= hold:
+            if hold is not None:
+                self._held = waited
+            self._abandon(END_NO_BACKEND)
+            return
+        # Held: the client waits, its bytes kept in its socket; its leaving ends it.
+        self._held = waited
+        if self.client_eof:
+            self._abandon(END_CLIENT_ABORTED)
+            return
+        self.stage = _HELD
+        self._watch_client(RDHUP)
+        pause = self._hold_pause
+        reactor = self.reactor
+        assert reactor is not None
+        reactor.call_later(min(pause, hold - waited), self, _T_HOLD)
+        self._hold_pause = min(pause * 2, HOLD_MAX_PAUSE)
+
+    def _trim_attempts(self) -> None:
+        failed = self._failed
+        if failed is not None and len(failed) > MAX_LOGGED_ATTEMPTS:
+            # Keep the first pass and the latest attempts: the story's start and end.
+            half = MAX_LOGGED_ATTEMPTS // 2
+            self._omitted += len(failed) - MAX_LOGGED_ATTEMPTS
+            del failed[half : len(failed) - half]
+
+    # --- ending ------------------------------------------------------------------------
 
     def abort(self) -> None:
         """End the session now (the grace period after a stop request is over)."""
-        if self._relay is not None:
-            self._relay.shutdown(END_SHUTDOWN)
-        elif self._task is not None:
-            self._task.cancel()
+        if self.stage == _RELAYING:
+            self.shutdown(END_SHUTDOWN)
+        elif self.stage != _ENDED:
+            self._abandon(END_SHUTDOWN)
 
-    async def _run(self) -> None:
-        record = self.record
-        try:
-            end = await self._serve()
-        except asyncio.CancelledError:
-            end = END_CLIENT_ABORTED if self._client_gone else END_SHUTDOWN
-            self._close_all()
-        except Exception:
-            log.exception("session %s failed", record.session)
-            end = END_ERROR
-            self._close_all()
-        if end is None:
-            # The relay runs on its own, driven by loop callbacks: the session needs no
-            # task while it does, only to be told when it ends (no shield, no wake-up).
-            assert self._relay is not None
-            self._relay.done.add_done_callback(self._relay_done)
+    def idle_check(self) -> None:
+        """One sweep of the idle timeout (a quarter of it): four quiet ones in a row end it."""
+        if self.stage != _RELAYING:
             return
+        moved = self.up.received + self.down.received
+        if moved != self.idle_seen:
+            self.idle_seen = moved
+            self.idle_ticks = 0
+            return
+        self.idle_ticks += 1
+        if self.idle_ticks >= 4:
+            self.shutdown(END_IDLE_TIMEOUT)
+
+    def _refuse(self, cause: str, reason: str) -> None:
+        """Turned away after acceptance (a bad header, a client the header named)."""
+        self.service.turned_away(cause, self.peer, reason)
+        self._abandon(cause)
+
+    def _abandon(self, end: str) -> None:
+        """End before (or instead of) the relay: close what is open."""
+        dial = self._dial
+        if dial is not None:
+            self._dial = None
+            dial.cancel()
+        sock = self.csock
+        if self.cmask != UNWATCHED:
+            reactor = self.reactor
+            assert reactor is not None
+            reactor.forget(sock.fileno())
+            self.cmask = UNWATCHED
+        if end == END_CLIENT_ABORTED:
+            sock.close()
+        else:
+            turn_away(sock)
         self._finish(end)
 
-    def _relay_done(self, done: asyncio.Future[str]) -> None:
-        self._finish(done.result())
+    def _relay_ended(self, end: str) -> None:
+        self._finish(end)
 
     def _finish(self, end: str) -> None:
-        record = self.record
-        record.end = end
-        if self._connected is not None:
-            self.service.release(self._connected)
-        record.duration = time.monotonic() - self._began
-        if self._client is not None:
-            # What the client sent for the backend: its PROXY header is not relayed.
-            record.from_client = self._client.received - self._header_bytes
-        if self._relay is not None:
-            record.from_backend = self._relay.backend.received
+        self.stage = _ENDED
+        service = self.service
+        daemon = service.daemon
+        target = self.backend
+        if target is not None:
+            service.release(target)
+            if self.local is not None:
+                daemon.outgoing.discard(self.local)
+            if service.relaying:
+                service.relaying.discard(self)
+        record = self._record(end)
         # Free the session's place before saying it ended: whoever reads the line may
         # rely on the place being free.
-        self.service.session_ended(self.client_address[0], record)
-        self._on_done(self)
-        self.service.access_log.emit(record)
+        service.session_ended(self._counted, record)
+        daemon.session_ended(self)
+        service.access_log.emit(record)
 
-    async def _serve(self) -> str | None:
-        """How the session ended, or None once a relay runs (it says so when it ends)."""
-        loop = asyncio.get_running_loop()
-        settings = self.service.settings
-        accept_proxy = settings.accept_proxy != ACCEPT_PROXY_OFF
-        if accept_proxy and not is_trusted(self.peer[0], settings.trusted_sources):
-            # Decided on the raw peer before reading a byte: its claims are never heard.
-            self._sock.close()
-            return self._reject(END_UNTRUSTED, "not in trusted_sources")
-        configure_socket(self._sock, self.service.dialer.socket_options)
-        transport, client = await loop.connect_accepted_socket(
-            lambda: Endpoint("client", settings.buffer_size), sock=self._sock
+    def _record(self, end: str) -> SessionRecord:
+        elapsed = time.monotonic() - self._began
+        peer = self.peer
+        client = self.client
+        record = SessionRecord(
+            session=self.session_id,
+            started=time.time() - elapsed,
+            client=format_hostport(client[0], client[1]),
+            listener=self.listener.name,
+            service=self.service.name,
+            duration=elapsed,
+            end=end,
         )
-        self._client = client
-        if client.lost:
-            return END_CLIENT_ABORTED
-        sockname = transport.get_extra_info("sockname")
-        if sockname:
-            self.destination = (str(sockname[0]), int(sockname[1]))
-        if accept_proxy:
-            refused = await self._receive_proxy_header(client)
-            if refused is not None:
-                return refused
-        client.on_change = self._client_changed
-        connected = await self._dial()
-        if connected is None:
-            # Every backend failed: close without sending the client a byte.
-            if client.transport is not None:
-                client.transport.close()
-            return END_NO_BACKEND
-        self._connected = connected.backend
-        record = self.record
-        record.backend = connected.backend.name
-        record.backend_address = connected.address
-        record.local_address = connected.local_address
-        relay = self.service.new_relay(client, connected.endpoint)
-        record.relay = relay.kind
-        self._relay = relay
-        relay.start()
-        return None
+        if client is not peer:
+            record.via = format_hostport(peer[0], peer[1])
+        if self._failed is not None:
+            record.failed = self._failed
+            record.attempts_omitted = self._omitted
+        record.held = self._held
+        record.connect_time = self._connect_time
+        target = self.backend
+        if target is not None:
+            record.backend = target.name
+            record.backend_address = self._backend_address
+            local = self.local
+            record.local_address = format_hostport(local[0], local[1]) if local else "?"
+            record.attempt_time = self._attempt_time
+            record.from_client = self.up.received
+            record.from_backend = self.down.received
+            record.relay = self.relay_kind
+        return record
 
-    async def _receive_proxy_header(self, client: Endpoint) -> str | None:
-        """Read the client's PROXY header and adopt its addresses; the end word if refused."""
-        settings = self.service.settings
-        try:
-            header, length = await receive_header(
-                client,
-                timeout=settings.proxy_header_timeout,
-                optional=settings.accept_proxy == ACCEPT_PROXY_OPTIONAL,
-            )
-        except HeaderRejected as rejected:
-            client.abort()
-            return self._reject(rejected.end, rejected.reason)
-        except ClientGone as gone:
-            # Half-closed sockets stay open (for the relay's sake): close this one here.
-            client.abort()
-            return END_CLIENT_ABORTED if gone.reset else END_CLIENT_CLOSED
-        self._header_bytes = length
-        addresses = addresses_of(header) if header is not None else None
-        if addresses is not None:
-            self.client_address, self.destination = addresses
-            self.record.client = format_hostport(*self.client_address)
-            self.record.via = format_hostport(*self.peer)
-        cause = self.service.readmit(self.peer[0], self.client_address[0])
-        if cause is not None:
-            client.abort()
-            return self._reject(cause, "refused for the client the header names")
-        return None
 
-    def _reject(self, end: str, reason: str) -> str:
-        counts = self.service.stats.rejected
-        counts[end] += 1
-        log.warning(
-            "session %s: %s from %s on %s (service %s): %s; %d so far",
-            self.record.session,
-            end,
-            format_hostport(*self.peer),
-            self.listener,
-            self.service.name,
-            reason,
-            counts[end],
-        )
-        return end
-
-    async def _dial(self) -> Connected | None:
-        """One pass over the plan; in hold mode, passes until one connects or time is up."""
-        service = self.service
-        record = self.record
-        started = time.monotonic()
-        hold = service.settings.hold_timeout
-        pause = HOLD_FIRST_PAUSE
-        attempts: list[Attempt] = record.attempts
-        headers = None
-        if self.destination is not None:
-            headers = SessionHeaders(
-                self.client_address, self.destination, record.session.encode("ascii")
-            )
-        while True:
-            connected = await service.dialer.connect(
-                service.plan(self.client_address), attempts, service, headers=headers
-            )
-            if len(attempts) > MAX_LOGGED_ATTEMPTS:
-                # Keep the first pass and the latest attempts: the story's start and end.
-                record.attempts_omitted += len(attempts) - MAX_LOGGED_ATTEMPTS
-                del attempts[MAX_LOGGED_ATTEMPTS // 2 : len(attempts) - MAX_LOGGED_ATTEMPTS // 2]
-            waited = time.monotonic() - started
-            if connected is not None:
-                record.connect_time = waited
-                if record.held is not None:
-                    record.held = waited
-                return connected
-            if hold is None or waited >= hold:
-                if hold is not None:
-                    record.held = waited
-                return None
-            # Held: the client waits, its bytes kept; its leaving cancels this task.
-            record.held = waited
-            self._holding = True
-            self._client_changed()
-            await asyncio.sleep(min(pause, hold - waited))
-            pause = min(pause * 2, HOLD_MAX_PAUSE)
-
-    def _client_changed(self) -> None:
-        client = self._client
-        if client is None or self._client_gone:
-            return
-        # While held, an EOF counts as leaving too (as HAProxy's abortonclose): a client
-        # that has heard nothing from us and stopped sending is almost always gone, and
-        # a FIN cannot be told from a half-close without writing to it.
-        if client.lost or (client.eof and self._holding):
-            self._client_gone = True
-            if self._task is not None:
-                self._task.cancel()
-
-    def _close_all(self) -> None:
-        if self._relay is not None:
-            self._relay.shutdown(END_SHUTDOWN)
-        elif self._client is not None:
-            self._client.abort()
-        else:
-            self._sock.close()
+def turn_away(sock: socket.socket) -> None:
+    """Close a client's socket with a FIN, not a reset: what it already sent is read and
+    dropped first (closing with unread bytes resets, and a reset can overtake what the
+    client has not read yet). A client that keeps sending may still see a reset."""
+    try:
+        for _ in range(_DRAIN_ROUNDS):
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+    sock.close()

@@ -57,7 +57,7 @@ from .server import (
     new_event_loop,
     write_pid_file,
 )
-from .session import ADMIN_ENABLED, BackendView
+from .service import ADMIN_ENABLED, BackendView
 from .systemd import Notifier, inherited_sockets
 
 log = logging.getLogger("tcpfwd")

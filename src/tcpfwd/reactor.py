@@ -1,0 +1,217 @@
+"""Readiness events and timers for the data plane, on one epoll the event loop watches.
+
+Why not the loop's own transports or ``add_reader``: a uvloop transport per socket sets
+itself up with several system calls and objects, and a poll handle per watched
+descriptor costs six ``epoll_ctl`` and an ``ioctl`` to set up and tear down. Here a
+descriptor costs one ``epoll_ctl`` to add (closing it removes it), the loop watches
+the one epoll descriptor, and each readiness event goes straight to the object that
+owns the descriptor (its ``on_event(fd, events)``): a session, a connection attempt, a
+listener. Level-triggered, as the loop's own watches are.
+
+Timers of the data plane (connect, greeting and header timeouts, hold pauses) are
+plentiful, mostly of a few fixed lengths, and mostly made moot before they are due (an
+attempt connects in well under its timeout). They are kept in one first-in-first-out
+queue per length, where first in is first due, and are never cancelled: when one is
+due its target is asked (``on_timer(kind)``) and decides by its own state whether it
+still matters. One loop timer is armed for the earliest of them.
+
+Work that is best done once per batch of events rather than once per event (writing
+the access lines of every session that ended) registers itself with ``after_batch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import select
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Final, Protocol
+
+log = logging.getLogger("tcpfwd")
+
+IN: Final = select.EPOLLIN
+OUT: Final = select.EPOLLOUT
+# The peer shut down its sending side: reported without reading the data before it.
+RDHUP: Final = select.EPOLLRDHUP
+ERR: Final = select.EPOLLERR
+HUP: Final = select.EPOLLHUP
+
+# Events taken per wake-up; the rest wait for the next turn of the loop.
+MAX_EVENTS: Final = 1024
+
+
+class Handler(Protocol):
+    """What owns a watched descriptor."""
+
+    def on_event(self, fd: int, events: int) -> None: ...
+
+    def on_failure(self, error: BaseException) -> None:
+        """``on_event`` or ``on_timer`` raised: end whatever this is, cleanly."""
+
+
+class TimerTarget(Protocol):
+    def on_timer(self, kind: int) -> None: ...
+
+    def on_failure(self, error: BaseException) -> None: ...
+
+
+class Reactor:
+    """The data plane's epoll and timers, attached to one event loop."""
+
+    __slots__ = (
+        "_after",
+        "_armed",
+        "_armed_at",
+        "_batch",
+        "_closed",
+        "_epoll",
+        "_firing",
+        "_flush_scheduled",
+        "_queues",
+        "handlers",
+        "loop",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._epoll = select.epoll()
+        # The owner of every descriptor registered here.
+        self.handlers: dict[int, Handler] = {}
+        # Descriptors closed since the last poll: a batch may still hold their events,
+        # and the number may already belong to a new socket.
+        self._closed: set[int] = set()
+        self._queues: dict[float, deque[tuple[float, TimerTarget, int]]] = {}
+        self._armed: asyncio.TimerHandle | None = None
+        self._armed_at = 0.0
+        self._firing = False
+        # Inside a batch of events or timers: deferred work runs at its end.
+        self._batch = False
+        self._after: list[Callable[[], None]] = []
+        self._flush_scheduled = False
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    # --- descriptors ---------------------------------------------------------------
+
+    def add(self, fd: int, events: int, handler: Handler) -> None:
+        self._epoll.register(fd, events)
+        self.handlers[fd] = handler
+
+    def modify(self, fd: int, events: int) -> None:
+        self._epoll.modify(fd, events)
+
+    def hand_over(self, fd: int, handler: Handler) -> None:
+        """Events of a registered ``fd`` go to ``handler`` from now on."""
+        self.handlers[fd] = handler
+
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd``, which stays open."""
+        if self.handlers.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def forget(self, fd: int) -> None:
+        """``fd`` is about to be closed: closing it is what takes it out of the epoll
+        (no descriptor of ours is ever duplicated), so no system call is needed."""
+        if self.handlers.pop(fd, None) is not None:
+            self._closed.add(fd)
+
+    def _ready(self) -> None:
+        closed = self._closed
+        closed.clear()
+        try:
+            events = self._epoll.poll(0, MAX_EVENTS)
+        except InterruptedError:
+            return
+        handlers = self.handlers
+        self._batch = True
+        for fd, mask in events:
+            if fd in closed:
+                continue
+            handler = handlers.get(fd)
+            if handler is None:
+                continue
+            try:
+                handler.on_event(fd, mask)
+            except Exception as error:
+                self._failed(handler, error)
+        self._batch = False
+        self._run_after()
+
+    # --- timers ----------------------------------------------------------------------
+
+    def call_later(self, delay: float, target: TimerTarget, kind: int) -> None:
+        """Ask ``target.on_timer(kind)`` in ``delay`` seconds (it may no longer care)."""
+        due = time.monotonic() + delay
+        queue = self._queues.get(delay)
+        if queue is None:
+            queue = self._queues[delay] = deque()
+        queue.append((due, target, kind))
+        if not self._firing and (self._armed is None or due < self._armed_at):
+            self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        if self._armed is not None:
+            self._armed.cancel()
+        self._armed_at = due
+        self._armed = self.loop.call_later(max(0.0, due - time.monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        self._armed = None
+        self._firing = self._batch = True
+        try:
+            now = time.monotonic()
+            for delay, queue in list(self._queues.items()):
+                while queue and queue[0][0] <= now:
+                    _due, target, kind = queue.popleft()
+                    try:
+                        target.on_timer(kind)
+                    except Exception as error:
+                        self._failed(target, error)
+                if not queue:
+                    del self._queues[delay]
+        finally:
+            self._firing = self._batch = False
+        heads = [queue[0][0] for queue in self._queues.values() if queue]
+        if heads:
+            self._arm(min(heads))
+        self._run_after()
+
+    # --- once per batch ---------------------------------------------------------------
+
+    def after_batch(self, work: Callable[[], None]) -> None:
+        """Run ``work`` once the current batch of events or timers has been handled."""
+        after = self._after
+        if work not in after:
+            after.append(work)
+        if not self._batch and not self._flush_scheduled:
+            # Outside a batch (a callback of the loop's own): make sure it runs soon.
+            self._flush_scheduled = True
+            self.loop.call_soon(self._run_after)
+
+    def _run_after(self) -> None:
+        self._flush_scheduled = False
+        after = self._after
+        while after:
+            work = after.pop()
+            try:
+                work()
+            except Exception:
+                log.exception("data plane: deferred work failed")
+
+    def _failed(self, owner: Handler | TimerTarget, error: Exception) -> None:
+        log.error("data plane: %r failed", owner, exc_info=error)
+        try:
+            owner.on_failure(error)
+        except Exception:
+            log.exception("data plane: cleaning up after %r failed", owner)
+
+    def close(self) -> None:
+        if self._armed is not None:
+            self._armed.cancel()
+            self._armed = None
+        self._queues.clear()
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self.handlers.clear()

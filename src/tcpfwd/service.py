@@ -1,0 +1,544 @@
+"""One service at run time, and what every service of the daemon shares.
+
+A `ServiceRuntime` is where policy, health and the operator meet for one service:
+``plan()`` orders its backends (`Target`: a backend with everything worked out once),
+``admit()`` decides whether a new connection may become a session, and the session's
+outcome is counted here when it ends. A reload builds new runtimes for changed
+services; sessions in flight keep the one they started with, and the counters
+(`ServiceStats`) carry over.
+
+`DaemonState` is what all services share: the data plane's reactor and pipes, the access
+log, the operator's backend states, the live sessions and how many may be live at once,
+the addresses of tcpfwd's own outgoing connections (a connection that arrives from one
+of them is tcpfwd talking to itself), and the one throttled log of turned-away clients.
+
+Admission, in one place and in this order: a connection from one of our own outgoing
+connections (a loop); a peer that is not trusted to send a PROXY header where one is
+expected; the service's and the daemon's limits; the access lists and the per-client
+limit (on the real client: where a PROXY header names it, ``readmit`` applies them
+again once it is known). Places are shared fairly: each service keeps a reserve of the
+daemon's session capacity that the others cannot take (``reserved_connections``), so a
+service flooded by clients, or looping through another box, cannot starve the rest;
+a service that has used up what it may take stops accepting until places free up, and
+its new clients wait in its listen queue, as every client does at full capacity.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from .accesslog import AccessLog, AttemptResult, SessionRecord, format_timestamp
+from .config import ACCEPT_PROXY_OFF, BackendConfig, ServiceConfig, format_hostport
+from .dialer import OUTCOME_OK, SocketOptions, keepalive_options
+from .health import BackendHealth
+from .metrics import BackendStats, ServiceStats
+from .monitor import HealthMonitor
+from .policy import Candidate, PolicyName, Scheduler
+from .proxy_accept import END_UNTRUSTED, is_trusted
+from .relay import CHUNK
+from .resolver import Resolver, is_ip_literal
+from .splice import RELAY_COPY, RELAY_SPLICE, PipePool, choose_relay
+
+if TYPE_CHECKING:
+    from .reactor import Reactor
+
+log = logging.getLogger("tcpfwd")
+
+# Why a connection was closed before it became a session; counted per service.
+REJECT_DENIED: Final = "denied"
+REJECT_SERVICE_LIMIT: Final = "service_limit"
+REJECT_CLIENT_LIMIT: Final = "client_limit"
+REJECT_GLOBAL_LIMIT: Final = "global_limit"
+# The peer is one of tcpfwd's own connections to a backend: the backend is tcpfwd.
+REJECT_LOOP: Final = "loop"
+
+ADMIN_ENABLED: Final = "enabled"
+ADMIN_DRAINING: Final = "draining"
+ADMIN_DISABLED: Final = "disabled"
+RECENT_FAILOVERS: Final = 50
+
+# A turned-away connection is logged at most this often per service and cause.
+REJECT_LOG_INTERVAL: Final = 10.0
+
+# "auto": copy until a direction has moved this much, then splice it (a short session
+# does not pay for a pipe); "splice": splice from the first byte.
+SPLICE_AFTER_AUTO: Final = 256 << 10
+NEVER: Final = 1 << 62
+
+
+@dataclass(slots=True)
+class BackendView:
+    """A backend as the status page and metrics see it right now."""
+
+    name: str
+    address: str
+    up: bool
+    admin_state: str
+    active: int
+
+
+class Target:
+    """One backend of one service, as its sessions use it."""
+
+    __slots__ = (
+        "config",
+        "health",
+        "host",
+        "literal",
+        "name",
+        "port",
+        "send_proxy",
+        "shown",
+        "stats",
+    )
+
+    def __init__(
+        self, config: BackendConfig, health: BackendHealth | None, stats: BackendStats
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.host = config.address.host
+        self.port = config.address.port
+        # How the backend appears in the log: as configured.
+        self.shown = str(config.address)
+        self.health = health
+        self.stats = stats
+        self.send_proxy = config.send_proxy
+        # An IP literal needs no resolver: its one address, worked out once.
+        self.literal: tuple[tuple[str, int], ...] | None = (
+            ((self.host, self.port),) if is_ip_literal(self.host) else None
+        )
+
+    def __repr__(self) -> str:
+        return f"Target({self.name})"
+
+
+class RejectLog:
+    """Turned-away connections, logged at most every ``REJECT_LOG_INTERVAL`` seconds per
+    service and cause, with the count since the last line: a flood from one source must
+    not flood the log."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], list[Any]] = {}
+
+    def note(self, service: str, cause: str, peer: str, reason: str) -> None:
+        entry = self._entries.get((service, cause))
+        if entry is None:
+            entry = self._entries[(service, cause)] = [0, -REJECT_LOG_INTERVAL]
+        entry[0] += 1
+        now = time.monotonic()
+        if now - entry[1] >= REJECT_LOG_INTERVAL:
+            log.warning(
+                "service %s turned away %d connection(s) (%s), the latest from %s: %s",
+                service,
+                entry[0],
+                cause,
+                peer,
+                reason,
+            )
+            entry[0] = 0
+            entry[1] = now
+
+
+class DaemonState:
+    """What every service shares with the daemon, across reloads."""
+
+    def __init__(self, access_log: AccessLog, pipes: PipePool | None = None) -> None:
+        self.access_log = access_log
+        # Idle pipes of the splice relay, shared by every service.
+        self.pipes = pipes if pipes is not None else PipePool(keep=0)
+        # The data plane's epoll and timers; set once the event loop runs.
+        self.reactor: Reactor | None = None
+        # Administrative state by (service, backend); absent means enabled.
+        self.admin_states: dict[tuple[str, str], str] = {}
+        self.recent_failovers: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILOVERS)
+        # Live sessions (of every service, old runtimes included).
+        self.sessions: set[Any] = set()
+        # Sessions the descriptors allow; the global max_connections turns away beyond.
+        self.capacity = 1 << 30
+        self.max_connections: int | None = None
+        # Local (address, port) of every connection we have open to a backend.
+        self.outgoing: set[tuple[str, int]] = set()
+        self.rejects = RejectLog()
+        # The current services, for their fair shares of the capacity.
+        self.services: Sequence[ServiceRuntime] = ()
+        # Told when a service may accept again, or must stop (True: hold); None: all.
+        self.on_hold: Callable[[ServiceRuntime | None, bool], None] = _no_hold
+        # Told when the last live session has ended.
+        self.on_idle: Callable[[], None] | None = None
+        self._all_held = False
+        self._held: set[ServiceRuntime] = set()
+
+    # --- places ----------------------------------------------------------------------
+
+    def set_services(self, services: Sequence[ServiceRuntime]) -> None:
+        """The current services: their reserves are worked out from the capacity."""
+        self.services = tuple(services)
+        count = len(self.services)
+        for service in self.services:
+            wanted = service.settings.reserved_connections
+            if wanted is None:
+                # Half of the places are split evenly; the other half is first come.
+                service.reserve = self.capacity // (2 * count) if count > 1 else 0
+            else:
+                service.reserve = wanted
+        self.recheck()
+
+    def allowance(self, service: ServiceRuntime) -> int:
+        """How many sessions ``service`` may have now: the capacity less what the other
+        services have reserved and not used."""
+        unused = 0
+        for other in self.services:
+            if other is not service and other.reserve:
+                unused += max(0, other.reserve - other.stats.active)
+        return self.capacity - unused
+
+    def session_started(self, session: Any, service: ServiceRuntime) -> None:
+        sessions = self.sessions
+        sessions.add(session)
+        if len(sessions) >= self.capacity:
+            if not self._all_held:
+                self._all_held = True
+                self.on_hold(None, True)
+        elif (
+            len(self.services) > 1
+            and service not in self._held
+            and service.stats.active >= self.allowance(service)
+        ):
+            self._held.add(service)
+            self.on_hold(service, True)
+
+    def session_ended(self, session: Any) -> None:
+        sessions = self.sessions
+        sessions.discard(session)
+        if self._all_held or self._held:
+            self.recheck()
+        if not sessions and self.on_idle is not None:
+            self.on_idle()
+
+    def recheck(self) -> None:
+        """Let services that were held accept again where places have freed up."""
+        if self._all_held and len(self.sessions) < self.capacity:
+            self._all_held = False
+            self.on_hold(None, False)
+        for service in list(self._held):
+            if service not in self.services or service.stats.active < self.allowance(service):
+                self._held.discard(service)
+                self.on_hold(service, False)
+
+    def is_held(self, service: ServiceRuntime) -> bool:
+        return self._all_held or service in self._held
+
+
+def _no_hold(service: ServiceRuntime | None, hold: bool) -> None:
+    pass
+
+
+class ServiceRuntime:
+    """What the sessions of one service share: config, targets, scheduler, health,
+    limits, counters."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        daemon: DaemonState,
+        monitor: HealthMonitor,
+        resolver: Resolver,
+        stats: ServiceStats | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        settings = self.settings = config.settings
+        self.daemon = daemon
+        self.resolver = resolver
+        self.access_log = daemon.access_log
+        # Counters, live counts included, outlive a reload of the service.
+        self.stats = stats or ServiceStats()
+        self.scheduler = Scheduler(PolicyName(settings.policy))
+        self._monitor = monitor
+        health = monitor.register(config)
+        self.targets = tuple(
+            Target(backend, entry, self.stats.backend(backend.name))
+            for backend, entry in zip(config.backends, health, strict=True)
+        )
+        self._by_name = {target.name: target for target in self.targets}
+        self.relay = choose_relay(settings.relay)
+        # Where splicing starts, in bytes moved by one direction.
+        if self.relay == RELAY_COPY:
+            self.splice_after = NEVER
+        elif settings.relay == RELAY_SPLICE:
+            self.splice_after = 0
+        else:
+            self.splice_after = SPLICE_AFTER_AUTO
+        self.needs_destination = any(t.send_proxy is not None for t in self.targets)
+        # What the dialer and the relay need of the settings, worked out once.
+        self.chunk = min(CHUNK, settings.buffer_size)
+        self.source_address = (
+            (settings.source_address, 0) if settings.source_address is not None else None
+        )
+        # Set on each backend socket before it connects: Nagle off from the first byte.
+        self.backend_options: SocketOptions = (
+            ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),) if settings.nodelay else ()
+        )
+        self.keepalive_options = keepalive_options(
+            settings.keepalive,
+            settings.keepalive_idle,
+            settings.keepalive_interval,
+            settings.keepalive_count,
+        )
+        # Accepted sockets inherit these from their listening socket (Linux and the BSDs
+        # copy the options of the listener into each connection it accepts).
+        self.listen_options: SocketOptions = self.backend_options + self.keepalive_options
+        greeting = settings.greeting
+        self.greeting_pattern = re.compile(greeting.expect.encode("utf-8")) if greeting else None
+        self.per_client_limit = settings.max_connections_per_client
+        self.checks_addresses = settings.accept_proxy == ACCEPT_PROXY_OFF and bool(
+            settings.allow or settings.deny or self.per_client_limit is not None
+        )
+        self.reserve = 0
+        # Failover with nothing down, full, draining or disabled has one answer, the
+        # configured order: worked out once here rather than per connection. Services
+        # where a backend has max_connections never take the shortcut (fullness is live).
+        self._all_up_order: tuple[Target, ...] | None = None
+        if self.scheduler.policy is PolicyName.FAILOVER and all(
+            b.max_connections is None for b in config.backends
+        ):
+            order = Scheduler(PolicyName.FAILOVER).order(self._candidates_all_up())
+            self._all_up_order = tuple(self.targets[i] for i in order)
+        # Sessions in relay, for the idle sweep (only services with an idle timeout).
+        self.relaying: set[Any] = set()
+        self._sweeping = False
+
+    def _candidates_all_up(self) -> list[Candidate]:
+        return [
+            Candidate(index=i, tier=b.tier, weight=b.weight, name=b.name)
+            for i, b in enumerate(self.config.backends)
+        ]
+
+    def admin_state(self, backend: str) -> str:
+        return self.daemon.admin_states.get((self.name, backend), ADMIN_ENABLED)
+
+    def target(self, name: str) -> Target | None:
+        return self._by_name.get(name)
+
+    def plan(self, client_ip: str) -> Sequence[Target]:
+        """The order in which to try the backends for this client."""
+        states = self.daemon.admin_states
+        shortcut = self._all_up_order
+        if shortcut is not None and not states:
+            for target in shortcut:
+                health = target.health
+                if health is not None and not health.is_up:
+                    break
+            else:
+                return shortcut
+        targets = self.targets
+        candidates = []
+        for i, target in enumerate(targets):
+            backend = target.config
+            health = target.health
+            active = target.stats.active
+            candidates.append(
+                Candidate(
+                    index=i,
+                    tier=backend.tier,
+                    weight=backend.weight,
+                    up=health is None or health.is_up,
+                    available=(backend.max_connections is None or active < backend.max_connections)
+                    and (not states or (self.name, target.name) not in states),
+                    active=active,
+                    name=target.name,
+                )
+            )
+        return [targets[i] for i in self.scheduler.order(candidates, client_ip)]
+
+    def backend_views(self) -> list[BackendView]:
+        return [
+            BackendView(
+                name=target.name,
+                address=target.shown,
+                up=target.health is None or target.health.is_up,
+                admin_state=self.admin_state(target.name),
+                active=target.stats.active,
+            )
+            for target in self.targets
+        ]
+
+    # --- what the dialer reports -------------------------------------------------------
+
+    def acquire(self, target: Target) -> bool:
+        """A place on ``target`` for one attempt (its max_connections); False: full."""
+        stats = target.stats
+        limit = target.config.max_connections
+        if limit is not None and stats.active >= limit:
+            return False
+        stats.active += 1
+        return True
+
+    def release(self, target: Target) -> None:
+        target.stats.active -= 1
+
+    def succeeded(self, target: Target) -> None:
+        health = target.health
+        # An up backend without failures in a row has nothing to learn from a success.
+        if health is not None and (not health.is_up or health.consecutive_failures):
+            self._monitor.passive_success(self.name, target.name)
+
+    def failed(self, target: Target, reason: str) -> None:
+        if target.health is not None:
+            self._monitor.passive_failure(self.name, target.name, reason)
+
+    # --- admission -------------------------------------------------------------------
+
+    def admit(self, peer: tuple[str, int]) -> tuple[str, str] | None:
+        """Why a connection from ``peer`` must be turned away (cause, reason), or None.
+
+        Where clients come through a PROXY header, the peer is the header's sender (a
+        load balancer): the access lists and the per-client limit wait for the header
+        to name the real client (``readmit``).
+        """
+        daemon = self.daemon
+        if peer in daemon.outgoing:
+            return REJECT_LOOP, "it is one of tcpfwd's own connections to a backend"
+        settings = self.settings
+        if settings.accept_proxy != ACCEPT_PROXY_OFF and not is_trusted(
+            peer[0], settings.trusted_sources
+        ):
+            # Decided on the raw peer before reading a byte: its claims are never heard.
+            return END_UNTRUSTED, "not in trusted_sources"
+        stats = self.stats
+        if settings.max_connections is not None and stats.active >= settings.max_connections:
+            return REJECT_SERVICE_LIMIT, f"max_connections = {settings.max_connections}"
+        limit = daemon.max_connections
+        if limit is not None and len(daemon.sessions) >= limit:
+            return REJECT_GLOBAL_LIMIT, f"global max_connections = {limit}"
+        if self.checks_addresses:
+            return self._judge(peer[0], 0)
+        return None
+
+    def readmit(
+        self, counted: str | None, client_ip: str
+    ) -> tuple[str | None, tuple[str, str] | None]:
+        """A PROXY header named the real client: the address now counted for it, and why
+        it must be turned away (cause, reason), or None."""
+        if counted is not None:
+            self._uncount(counted)
+            counted = None
+        if self.per_client_limit is not None:
+            self._count(client_ip)
+            counted = client_ip
+        return counted, self._judge(client_ip, 1)
+
+    def _judge(self, client_ip: str, already: int) -> tuple[str, str] | None:
+        """Access lists and the per-client limit; ``already``: this client is counted."""
+        settings = self.settings
+        if settings.allow or settings.deny:
+            address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            if any(address in network for network in settings.deny):
+                return REJECT_DENIED, "in deny"
+            if settings.allow and not any(address in net for net in settings.allow):
+                return REJECT_DENIED, "not in allow"
+        limit = self.per_client_limit
+        if limit is not None and self.stats.per_client.get(client_ip, 0) - already >= limit:
+            return REJECT_CLIENT_LIMIT, f"max_connections_per_client = {limit}"
+        return None
+
+    def turned_away(self, cause: str, peer: tuple[str, int], reason: str) -> None:
+        self.stats.rejected[cause] += 1
+        self.daemon.rejects.note(self.name, cause, format_hostport(peer[0], peer[1]), reason)
+
+    # --- accounting ------------------------------------------------------------------
+
+    def _count(self, client_ip: str) -> None:
+        per_client = self.stats.per_client
+        per_client[client_ip] = per_client.get(client_ip, 0) + 1
+
+    def _uncount(self, client_ip: str) -> None:
+        per_client = self.stats.per_client
+        remaining = per_client.get(client_ip, 1) - 1
+        if remaining:
+            per_client[client_ip] = remaining
+        else:
+            per_client.pop(client_ip, None)
+
+    def session_started(self, client_ip: str) -> str | None:
+        """Count a new session; the client address counted for it (per-client limit)."""
+        self.stats.active += 1
+        if self.per_client_limit is not None:
+            self._count(client_ip)
+            return client_ip
+        return None
+
+    def session_ended(self, counted: str | None, record: SessionRecord) -> None:
+        stats = self.stats
+        stats.active -= 1
+        if counted is not None:
+            self._uncount(counted)
+        stats.ends[record.end] += 1
+        stats.bytes_from_client += record.from_client
+        stats.bytes_from_backend += record.from_backend
+        failed = record.failed
+        if failed:
+            for attempt in failed:
+                stats.backend(attempt.backend).attempts[attempt.outcome] += 1
+            self._note_failover(record, failed)
+        if record.backend is not None:
+            backend = stats.backend(record.backend)
+            backend.attempts[OUTCOME_OK] += 1
+            backend.sessions += 1
+        if record.connect_time is not None:
+            stats.connect_seconds.observe(record.connect_time)
+
+    def _note_failover(self, record: SessionRecord, failed: list[AttemptResult]) -> None:
+        self.daemon.recent_failovers.append(
+            {
+                "time": format_timestamp(record.started),
+                "session": record.session,
+                "service": self.name,
+                "client": record.client,
+                "failed": [
+                    {"backend": a.backend, "address": a.address, "outcome": a.outcome}
+                    for a in failed
+                ],
+                "backend": record.backend,
+            }
+        )
+
+    # --- sessions in relay -----------------------------------------------------------
+
+    def watch_idle(self, session: Any) -> None:
+        """Sessions of a service with an idle timeout are swept for inactivity."""
+        self.relaying.add(session)
+        if not self._sweeping:
+            self._sweeping = True
+            reactor = self.daemon.reactor
+            assert reactor is not None and self.settings.idle_timeout is not None
+            reactor.loop.call_later(self.settings.idle_timeout / 4, self._sweep)
+
+    def _sweep(self) -> None:
+        # Quarter steps: a session idle for four sweeps in a row has been idle for at
+        # least the timeout, and is closed at most a quarter of it late.
+        for session in list(self.relaying):
+            session.idle_check()
+        if self.relaying:
+            reactor = self.daemon.reactor
+            assert reactor is not None and self.settings.idle_timeout is not None
+            reactor.loop.call_later(self.settings.idle_timeout / 4, self._sweep)
+        else:
+            self._sweeping = False
+
+
+def socket_family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
