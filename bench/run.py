@@ -63,9 +63,25 @@ TIMEOUT_PAID = 0.9 * CONNECT_TIMEOUT
 SCENARIOS = ("short", "keepalive", "bulk", "idle", "failover")
 # The contenders of the throughput scenarios, and those of the failover scenario (where
 # splicing is irrelevant but HAProxy's health checks change the picture).
-THROUGHPUT_CONTENDERS = ("direct", "tcpfwd", "haproxy", "haproxy-splice", "nginx")
+THROUGHPUT_CONTENDERS = (
+    "direct",
+    "tcpfwd",
+    "haproxy",
+    "haproxy-splice",
+    "nginx",
+    "python-floor",
+)
+# The floor forwards to one backend: it has no failover to measure.
 FAILOVER_CONTENDERS = ("direct", "tcpfwd", "haproxy", "haproxy-check", "nginx")
-COLUMNS = ("direct", "tcpfwd", "haproxy", "haproxy-splice", "haproxy-check", "nginx")
+COLUMNS = (
+    "direct",
+    "tcpfwd",
+    "haproxy",
+    "haproxy-splice",
+    "haproxy-check",
+    "nginx",
+    "python-floor",
+)
 REFERENCE = "haproxy"
 
 
@@ -331,6 +347,13 @@ stream {{
     return ["nginx", "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
 
 
+def python_floor_argv(route: Route, workdir: Path, tuning: Tuning) -> list[str]:
+    # The leanest forwarder CPython can be (no features at all): what a Python data
+    # path costs per connection and per idle session, measured beside tcpfwd.
+    floor = BENCH_DIR / "floor_proxy.py"
+    return [sys.executable, str(floor), str(route.listen), f"{HOST}:{route.backends[-1]}"]
+
+
 ContenderFactory = Callable[[Route, Path, Tuning], list[str]]
 CONTENDERS: dict[str, ContenderFactory] = {
     "tcpfwd": tcpfwd_argv,
@@ -338,6 +361,7 @@ CONTENDERS: dict[str, ContenderFactory] = {
     "haproxy-splice": lambda r, w, t: haproxy_argv(r, w, t, splice=True),
     "haproxy-check": lambda r, w, t: haproxy_argv(r, w, t, check=True),
     "nginx": nginx_stream_argv,
+    "python-floor": python_floor_argv,
 }
 # What each contender is, for the notes under the table.
 CONTENDER_NOTES = {
@@ -350,6 +374,8 @@ CONTENDER_NOTES = {
     "after a 2.5 s warm-up so the first check has run",
     "nginx": "nginx stream, `worker_processes 1`; failover: first server `max_fails=1 "
     "fail_timeout=10s`, second `backup` (passive health, nginx's default behaviour)",
+    "python-floor": "`bench/floor_proxy.py`: raw non-blocking sockets and one epoll in "
+    "CPython, no features (no timeouts, failover, logging); the floor of a Python data path",
 }
 
 
@@ -938,7 +964,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tcpfwd-bench-") as tmp:
         processes = Processes(Path(tmp), pin)
-        available = {t for t in ("haproxy", "nginx") if shutil.which(t)} | {"tcpfwd"}
+        available = {t for t in ("haproxy", "nginx") if shutil.which(t)} | {"tcpfwd", "python"}
         bench = Bench(args, Path(tmp), processes, available, env)
         try:
             if any(s in args.scenarios for s in ("short", "keepalive", "failover")):

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 from .config import SendProxySettings, format_hostport
-from .reactor import ERR, HUP, IN, OUT, Reactor
+from .reactor import ERR, HUP, IN, OUT, RawSocket, Reactor
 
 if TYPE_CHECKING:
     from .service import ServiceRuntime, Target
@@ -69,8 +69,12 @@ SHORTAGE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 _IN_PROGRESS: Final = frozenset({0, errno.EINPROGRESS})
 _NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
-# Timer kinds.
-_CONNECT, _GREETING, _RETRY = 1, 2, 3
+# An attempt still waiting this long tells its session (which then watches its client
+# for leaving): most attempts are over long before, and spare the session that.
+SLOW_AFTER: Final = 0.05
+
+# Timer kinds; _SLOW marks the first stage of a connect or greeting timer.
+_CONNECT, _GREETING, _RETRY, _SLOW = 1, 2, 3, 8
 # Attempt states.
 _CONNECTING, _GREETING_WAIT, _OVER = 1, 2, 3
 
@@ -114,7 +118,7 @@ def keepalive_options(keepalive: bool, idle: float, interval: float, count: int)
     return tuple(options)
 
 
-def apply_options(sock: socket.socket, options: SocketOptions) -> None:
+def apply_options(sock: RawSocket, options: SocketOptions) -> None:
     try:
         for level, option, value in options:
             sock.setsockopt(level, option, value)
@@ -136,6 +140,9 @@ class DialOwner(Protocol):
     ) -> None: ...
 
     def dial_connected(self, attempt: Attempt) -> None: ...
+
+    def dial_slow(self) -> None:
+        """An attempt has been waiting a while (``SLOW_AFTER``)."""
 
     def dial_failed(self) -> None:
         """Every backend of the plan failed (or the failover deadline passed)."""
@@ -232,9 +239,9 @@ class Dial:
             if self._next_address >= len(addresses):
                 self._backend_failed(target)
                 continue
-            ip, port = addresses[self._next_address]
+            address = addresses[self._next_address]
             self._next_address += 1
-            attempt = Attempt(self, target, ip, port)
+            attempt = Attempt(self, target, address)
             outcome = attempt.start()
             if outcome is None:
                 self._attempt = attempt
@@ -337,33 +344,37 @@ class Attempt:
     """One connection to one address of one backend, until it is joined or fails."""
 
     __slots__ = (
-        "_ip_port",
         "address",
+        "budget",
         "cut",
         "dial",
         "fd",
         "greeting",
         "local",
         "mask",
+        "remote",
         "sock",
         "started",
         "state",
         "target",
     )
 
-    def __init__(self, dial: Dial, target: Target, ip: str, port: int) -> None:
+    def __init__(self, dial: Dial, target: Target, remote: tuple[str, int]) -> None:
         self.dial = dial
         self.target = target
-        self.address = target.shown if target.literal is not None else format_hostport(ip, port)
+        self.remote = remote
+        self.address = (
+            target.shown if target.literal is not None else format_hostport(remote[0], remote[1])
+        )
         self.state = _CONNECTING
         # What the backend sent before it was joined (its greeting): the client's first.
         self.greeting = b""
-        self.sock: socket.socket | None = None
+        self.sock: RawSocket | None = None
         self.fd = -1
         self.local: tuple[str, int] | None = None
         self.mask = 0
-        self._ip_port = (ip, port)
         self.started = 0.0
+        self.budget = 0.0
         self.cut = False
 
     def start(self) -> str | None:
@@ -375,10 +386,10 @@ class Attempt:
         budget, self.cut = dial.budget(settings.connect_timeout, started)
         if budget < MIN_ATTEMPT_TIME:
             return self._failed_at_once(OUTCOME_FAILOVER_TIMEOUT)
-        ip, port = self._ip_port
+        remote = self.remote
         try:
-            sock = socket.socket(
-                socket.AF_INET6 if ":" in ip else socket.AF_INET, _NONBLOCKING_STREAM
+            sock = RawSocket(
+                socket.AF_INET6 if ":" in remote[0] else socket.AF_INET, _NONBLOCKING_STREAM
             )
         except OSError as error:
             code = error.errno or 0
@@ -391,7 +402,7 @@ class Attempt:
             source = service.source_address
             if source is not None:
                 sock.bind(source)
-            code = sock.connect_ex((ip, port))
+            code = sock.connect_ex(remote)
         except OSError as error:
             code = error.errno or errno.EIO
         if code not in _IN_PROGRESS:
@@ -405,12 +416,20 @@ class Attempt:
         # tcpfwd itself, the connection that arrives on its listener is recognised.
         local = sock.getsockname()
         self.local = local = (local[0], local[1])
-        service.daemon.outgoing.add(local)
+        service.daemon.outgoing.add(local, remote)
         reactor = dial.reactor
         reactor.add(fd, OUT, self)
         self.mask = OUT
-        reactor.call_later(budget, self, _CONNECT)
+        self._time(budget, _CONNECT)
         return None
+
+    def _time(self, budget: float, kind: int) -> None:
+        """The timeout of a step, in two stages: first the moment it becomes slow."""
+        self.budget = budget
+        if budget > SLOW_AFTER:
+            self.dial.reactor.call_later(SLOW_AFTER, self, kind | _SLOW)
+        else:
+            self.dial.reactor.call_later(budget, self, kind)
 
     def _failed_at_once(self, outcome: str) -> str:
         dial = self.dial
@@ -455,7 +474,7 @@ class Attempt:
             dial.reactor.modify(self.fd, IN)
             self.mask = IN
             budget, self.cut = dial.budget(greeting.timeout, time.monotonic())
-            dial.reactor.call_later(budget, self, _GREETING)
+            self._time(budget, _GREETING)
             return
         self.state = _OVER
         dial.attempt_connected(self)
@@ -490,6 +509,14 @@ class Attempt:
         self._fail(f"{OUTCOME_GREETING_MISMATCH}:{word.group().decode() if word else '?'}")
 
     def on_timer(self, kind: int) -> None:
+        if kind & _SLOW:
+            kind &= ~_SLOW
+            if (kind == _CONNECT and self.state == _CONNECTING) or (
+                kind == _GREETING and self.state == _GREETING_WAIT
+            ):
+                self.dial.reactor.call_later(self.budget - SLOW_AFTER, self, kind)
+                self.dial.owner.dial_slow()
+            return
         if kind == _CONNECT and self.state == _CONNECTING:
             self._fail(OUTCOME_FAILOVER_TIMEOUT if self.cut else OUTCOME_TIMEOUT)
         elif kind == _GREETING and self.state == _GREETING_WAIT:
@@ -512,10 +539,10 @@ class Attempt:
         self.sock = None
         self.dial.reactor.forget(self.fd)
         if self.local is not None:
-            self.dial.service.daemon.outgoing.discard(self.local)
+            self.dial.service.daemon.outgoing.discard(self.local, self.remote)
         sock.close()
 
-    def take(self) -> socket.socket:
+    def take(self) -> RawSocket:
         """The connected socket, now the session's."""
         sock = self.sock
         assert sock is not None

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .config import Address, format_hostport
-from .reactor import IN
+from .reactor import IN, RawSocket
 
 if TYPE_CHECKING:
     from .reactor import Reactor
@@ -90,7 +90,7 @@ class Listener:
     def __init__(
         self,
         sock: socket.socket,
-        on_connection: Callable[[Listener, socket.socket, tuple[str, int]], None],
+        on_connection: Callable[[Listener, RawSocket, tuple[str, int]], None],
     ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
@@ -98,6 +98,10 @@ class Listener:
         self._on_connection = on_connection
         sockname = sock.getsockname()
         self.name = format_hostport(str(sockname[0]), int(sockname[1]))
+        # The address connections arrive on; None for a wildcard (any address of ours).
+        self.address: tuple[str, int] | None = (
+            None if sockname[0] in ("0.0.0.0", "::") else (sockname[0], sockname[1])
+        )
         # The service whose clients this listener takes (set by the daemon).
         self.service: Any = None
         self._reactor: Reactor | None = None
@@ -196,8 +200,8 @@ class Listener:
                 log.error("accept on %s failed: %s", self.name, error)
                 self._pause_for_shortage(error)
                 return
-            conn = socket.socket(family, socket.SOCK_STREAM, 0, conn_fd)
-            conn.setblocking(False)
+            # Left in blocking mode: the data plane never waits on it (see DONTWAIT).
+            conn = RawSocket(family, socket.SOCK_STREAM, 0, conn_fd)
             if rated:
                 self._tokens -= 1.0
             try:

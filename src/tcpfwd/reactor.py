@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
+import socket
 import time
+from _socket import socket as RawSocket
 from collections import deque
 from collections.abc import Callable
 from typing import Final, Protocol
@@ -38,8 +40,20 @@ RDHUP: Final = select.EPOLLRDHUP
 ERR: Final = select.EPOLLERR
 HUP: Final = select.EPOLLHUP
 
+# The data plane's sockets are the C type itself: the Python subclass adds a frame to
+# every creation and close, and nothing the data plane uses.
+__all__ = ["RawSocket", "Reactor"]
+# Accepted sockets stay in blocking mode (making them non-blocking is one more system
+# call per connection): every read and write on them says not to wait.
+DONTWAIT: Final = socket.MSG_DONTWAIT
+
 # Events taken per wake-up; the rest wait for the next turn of the loop.
 MAX_EVENTS: Final = 1024
+# Timers due within this of each other are handled in one wake-up of the loop: at
+# thousands of connections a second, one wake-up per timer would be most of the
+# loop's turns. Data-plane timeouts are tenths of seconds and more; a timer fires up
+# to this much late, never early.
+TIMER_RESOLUTION: Final = 0.01
 
 
 class Handler(Protocol):
@@ -143,18 +157,26 @@ class Reactor:
     def call_later(self, delay: float, target: TimerTarget, kind: int) -> None:
         """Ask ``target.on_timer(kind)`` in ``delay`` seconds (it may no longer care)."""
         due = time.monotonic() + delay
-        queue = self._queues.get(delay)
+        # One queue per length, to the millisecond: within a queue first in is first due
+        # (to within that millisecond, well inside the resolution).
+        length = round(delay, 3)
+        queue = self._queues.get(length)
         if queue is None:
-            queue = self._queues[delay] = deque()
+            queue = self._queues[length] = deque()
         queue.append((due, target, kind))
-        if not self._firing and (self._armed is None or due < self._armed_at):
+        if not self._firing:
             self._arm(due)
 
     def _arm(self, due: float) -> None:
         if self._armed is not None:
+            if self._armed_at <= due + TIMER_RESOLUTION:
+                # Armed soon enough: this one waits at most a resolution longer.
+                return
             self._armed.cancel()
-        self._armed_at = due
-        self._armed = self.loop.call_later(max(0.0, due - time.monotonic()), self._fire)
+        self._armed_at = due + TIMER_RESOLUTION
+        self._armed = self.loop.call_later(
+            max(0.0, due + TIMER_RESOLUTION - time.monotonic()), self._fire
+        )
 
     def _fire(self) -> None:
         self._armed = None

@@ -33,7 +33,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Final
 
-from .reactor import ERR, HUP, IN, OUT
+from .reactor import DONTWAIT, ERR, HUP, IN, OUT, RawSocket
 from .splice import RELAY_COPY, RELAY_SPLICE, ROUNDS_PER_WAKEUP, SPLICE_FLAGS, PipePool
 
 if TYPE_CHECKING:
@@ -77,9 +77,9 @@ class Flow:
 
     def __init__(
         self,
-        src: socket.socket,
+        src: RawSocket,
         src_fd: int,
-        dst: socket.socket,
+        dst: RawSocket,
         dst_fd: int,
         *,
         held: bytes,
@@ -108,7 +108,7 @@ class Relay:
     to ``_relay_event`` once ``_start_relay`` has run.
     """
 
-    __slots__ = ("bmask", "chunk", "cmask", "down", "end", "pool", "reactor", "up")
+    __slots__ = ("bmask", "chunk", "cmask", "down", "end", "pool", "reactor", "spliced", "up")
 
     # Set by _start_relay.
     up: Flow
@@ -119,13 +119,14 @@ class Relay:
     cmask: int
     bmask: int
     end: str | None
+    spliced: bool
 
     def _start_relay(
         self,
         reactor: Reactor,
-        client: socket.socket,
+        client: RawSocket,
         client_mask: int,
-        backend: socket.socket,
+        backend: RawSocket,
         backend_mask: int,
         *,
         to_backend: bytes,
@@ -145,6 +146,7 @@ class Relay:
         )
         self.pool = pool
         self.chunk = chunk
+        self.spliced = False
         self.end = None
         self.cmask = client_mask
         self.bmask = backend_mask
@@ -207,7 +209,7 @@ class Relay:
 
     def _copy(self, flow: Flow) -> None:
         try:
-            data = flow.src.recv(self.chunk)
+            data = flow.src.recv(self.chunk, DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -218,7 +220,7 @@ class Relay:
             return
         flow.received += len(data)
         try:
-            sent = flow.dst.send(data)
+            sent = flow.dst.send(data, DONTWAIT)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -236,6 +238,11 @@ class Relay:
                 self._copy(flow)
                 return
             flow.pipe = pipe
+            if not self.spliced:
+                # splice(2) waits on a socket in blocking mode, whatever its flags say.
+                self.spliced = True
+                flow.src.setblocking(False)
+                flow.dst.setblocking(False)
         for _ in range(ROUNDS_PER_WAKEUP):
             try:
                 moved = os.splice(flow.src_fd, pipe.write_fd, pipe.size, flags=SPLICE_FLAGS)
@@ -269,7 +276,7 @@ class Relay:
         pending = flow.pending
         if pending is not None:
             try:
-                sent = flow.dst.send(pending)
+                sent = flow.dst.send(pending, DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:

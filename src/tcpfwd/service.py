@@ -48,7 +48,7 @@ from .resolver import Resolver, is_ip_literal
 from .splice import RELAY_COPY, RELAY_SPLICE, PipePool, choose_relay
 
 if TYPE_CHECKING:
-    from .reactor import Reactor
+    from .reactor import RawSocket, Reactor
 
 log = logging.getLogger("tcpfwd")
 
@@ -67,6 +67,11 @@ RECENT_FAILOVERS: Final = 50
 
 # A turned-away connection is logged at most this often per service and cause.
 REJECT_LOG_INTERVAL: Final = 10.0
+
+# TCP keepalive towards a backend is switched on once a session has lived this long
+# (one to two of these): it only matters after its idle time (a minute by default),
+# and the many short sessions are spared four system calls each.
+KEEPALIVE_AFTER: Final = 1.0
 
 # "auto": copy until a direction has moved this much, then splice it (a short session
 # does not pay for a pipe); "splice": splice from the first byte.
@@ -112,9 +117,12 @@ class Target:
         self.health = health
         self.stats = stats
         self.send_proxy = config.send_proxy
-        # An IP literal needs no resolver: its one address, worked out once.
+        # An IP literal needs no resolver: its one address, worked out once (written as
+        # the kernel writes it, so that it compares equal to a socket's own address).
         self.literal: tuple[tuple[str, int], ...] | None = (
-            ((self.host, self.port),) if is_ip_literal(self.host) else None
+            ((str(ipaddress.ip_address(self.host)), self.port),)
+            if is_ip_literal(self.host)
+            else None
         )
 
     def __repr__(self) -> str:
@@ -150,6 +158,52 @@ class RejectLog:
             entry[1] = now
 
 
+Address = tuple[str, int]
+
+
+class OwnConnections:
+    """The local and remote addresses of tcpfwd's own connections to backends.
+
+    A connection accepted from one of them, on the very address it was made to, is
+    tcpfwd talking to itself. A local address alone would not say so: the kernel gives
+    one local port to several connections to different destinations, and a client on
+    this host may come from a port our own connection to another host also uses.
+    """
+
+    __slots__ = ("_shared", "by_local")
+
+    def __init__(self) -> None:
+        # One remote address per local one (of several, any).
+        self.by_local: dict[Address, Address] = {}
+        # Local addresses that several of our connections share, with all their remotes.
+        self._shared: dict[Address, list[Address]] = {}
+
+    def add(self, local: Address, remote: Address) -> None:
+        first = self.by_local.setdefault(local, remote)
+        if first is not remote:
+            self._shared.setdefault(local, [first]).append(remote)
+
+    def discard(self, local: Address, remote: Address) -> None:
+        shared = self._shared.get(local)
+        if shared is not None:
+            shared.remove(remote)
+            self.by_local[local] = shared[0]
+            if len(shared) == 1:
+                del self._shared[local]
+            return
+        if self.by_local.get(local) is remote:
+            del self.by_local[local]
+
+    def includes(self, local: Address, remote: Address) -> bool:
+        shared = self._shared.get(local)
+        if shared is not None:
+            return remote in shared
+        return self.by_local.get(local) == remote
+
+    def __len__(self) -> int:
+        return len(self.by_local) + sum(len(s) - 1 for s in self._shared.values())
+
+
 class DaemonState:
     """What every service shares with the daemon, across reloads."""
 
@@ -167,8 +221,8 @@ class DaemonState:
         # Sessions the descriptors allow; the global max_connections turns away beyond.
         self.capacity = 1 << 30
         self.max_connections: int | None = None
-        # Local (address, port) of every connection we have open to a backend.
-        self.outgoing: set[tuple[str, int]] = set()
+        # Every connection we have open to a backend (or are opening).
+        self.outgoing = OwnConnections()
         self.rejects = RejectLog()
         # The current services, for their fair shares of the capacity.
         self.services: Sequence[ServiceRuntime] = ()
@@ -178,6 +232,28 @@ class DaemonState:
         self.on_idle: Callable[[], None] | None = None
         self._all_held = False
         self._held: set[ServiceRuntime] = set()
+        # Sessions joined in this keepalive period and in the one before, and whether
+        # the next period is timed.
+        self._young: list[Any] = []
+        self._older: list[Any] = []
+        self._growing = False
+
+    def grow_up(self, session: Any) -> None:
+        """Tell ``session`` once it has lived for ``KEEPALIVE_AFTER`` (up to twice that):
+        one timer for all of them, instead of one per session."""
+        self._young.append(session)
+        if not self._growing and self.reactor is not None:
+            self._growing = True
+            self.reactor.loop.call_later(KEEPALIVE_AFTER, self._grown)
+
+    def _grown(self) -> None:
+        older, self._older, self._young = self._older, self._young, []
+        for session in older:
+            session.grown_up()
+        if self._older and self.reactor is not None:
+            self.reactor.loop.call_later(KEEPALIVE_AFTER, self._grown)
+        else:
+            self._growing = False
 
     # --- places ----------------------------------------------------------------------
 
@@ -305,6 +381,12 @@ class ServiceRuntime:
         self.checks_addresses = settings.accept_proxy == ACCEPT_PROXY_OFF and bool(
             settings.allow or settings.deny or self.per_client_limit is not None
         )
+        # Nothing to judge but the daemon's own limits (the usual case).
+        self.open_door = (
+            settings.accept_proxy == ACCEPT_PROXY_OFF
+            and settings.max_connections is None
+            and not self.checks_addresses
+        )
         self.reserve = 0
         # Failover with nothing down, full, draining or disabled has one answer, the
         # configured order: worked out once here rather than per connection. Services
@@ -400,7 +482,9 @@ class ServiceRuntime:
 
     # --- admission -------------------------------------------------------------------
 
-    def admit(self, peer: tuple[str, int]) -> tuple[str, str] | None:
+    def admit(
+        self, peer: tuple[str, int], sock: RawSocket, listening: Address | None
+    ) -> tuple[str, str] | None:
         """Why a connection from ``peer`` must be turned away (cause, reason), or None.
 
         Where clients come through a PROXY header, the peer is the header's sender (a
@@ -408,8 +492,16 @@ class ServiceRuntime:
         to name the real client (``readmit``).
         """
         daemon = self.daemon
-        if peer in daemon.outgoing:
-            return REJECT_LOOP, "it is one of tcpfwd's own connections to a backend"
+        if peer in daemon.outgoing.by_local and _is_own(daemon, peer, sock, listening):
+            return REJECT_LOOP, (
+                "it is tcpfwd's own connection to a backend: a backend of this daemon "
+                "leads back to one of its listeners"
+            )
+        limit = daemon.max_connections
+        if self.open_door:
+            if limit is not None and len(daemon.sessions) >= limit:
+                return REJECT_GLOBAL_LIMIT, f"global max_connections = {limit}"
+            return None
         settings = self.settings
         if settings.accept_proxy != ACCEPT_PROXY_OFF and not is_trusted(
             peer[0], settings.trusted_sources
@@ -419,7 +511,6 @@ class ServiceRuntime:
         stats = self.stats
         if settings.max_connections is not None and stats.active >= settings.max_connections:
             return REJECT_SERVICE_LIMIT, f"max_connections = {settings.max_connections}"
-        limit = daemon.max_connections
         if limit is not None and len(daemon.sessions) >= limit:
             return REJECT_GLOBAL_LIMIT, f"global max_connections = {limit}"
         if self.checks_addresses:
@@ -540,5 +631,15 @@ class ServiceRuntime:
             self._sweeping = False
 
 
-def socket_family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+def _is_own(daemon: DaemonState, peer: Address, sock: RawSocket, listening: Address | None) -> bool:
+    """Whether a connection from ``peer`` (the local address of one of ours) arrived on
+    the address that connection of ours was made to. Rarely asked: only when a peer
+    shares a local address with one of our own connections."""
+    local = listening
+    if local is None:
+        try:
+            name = sock.getsockname()
+        except OSError:
+            return False
+        local = (name[0], name[1])
+    return daemon.outgoing.includes(peer, local)

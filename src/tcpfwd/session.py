@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -36,7 +35,7 @@ from .dialer import Attempt, Dial, apply_options
 from .proxy_accept import ClientGone, HeaderReader, HeaderRejected, addresses_of
 from .proxy_protocol import ProxyHeader
 from .proxy_send import SessionHeaders
-from .reactor import ERR, HUP, IN, RDHUP
+from .reactor import DONTWAIT, ERR, HUP, IN, RDHUP, RawSocket
 from .relay import END_CLIENT_CLOSED, END_IDLE_TIMEOUT, END_SHUTDOWN, UNWATCHED, Relay
 
 if TYPE_CHECKING:
@@ -54,20 +53,13 @@ HOLD_FIRST_PAUSE: Final = 0.25
 HOLD_MAX_PAUSE: Final = 2.0
 # A session line lists at most this many attempts; a long hold counts the rest.
 MAX_LOGGED_ATTEMPTS: Final = 32
-# A dial still going after this long has its client watched for leaving; most dials
-# are over sooner, and spare the client's socket that system call.
-WATCH_CLIENT_AFTER: Final = 0.05
-# TCP keepalive on the backend side is switched on once a session has lived this long
-# (the client side inherits it from the listening socket): it only matters after its
-# idle time, and a short session is spared four system calls.
-KEEPALIVE_AFTER: Final = 1.0
 # What a turned-away client's socket is drained of, at most, before it is closed.
 _DRAIN_ROUNDS: Final = 4
 
 # Stages.
 _HEADER, _DIALING, _HELD, _RELAYING, _ENDED = 1, 2, 3, 4, 5
 # Timer kinds.
-_T_HEADER, _T_WATCH, _T_HOLD, _T_KEEPALIVE = 1, 2, 3, 4
+_T_HEADER, _T_HOLD = 1, 2
 
 # Session ids: unique per process start (random prefix) and ordered within it.
 _ID_PREFIX: Final = os.urandom(3).hex()
@@ -96,6 +88,7 @@ class Session(Relay):
         "_hold_pause",
         "_omitted",
         "_reader",
+        "_remote",
         "_to_client",
         "backend",
         "client",
@@ -116,7 +109,7 @@ class Session(Relay):
         self,
         service: ServiceRuntime,
         listener: Listener,
-        sock: socket.socket,
+        sock: RawSocket,
         peer: tuple[str, int],
     ) -> None:
         self.service = service
@@ -172,7 +165,6 @@ class Session(Relay):
             return
         self._dial_began = self._began
         self._start_dial()
-        self.reactor.call_later(WATCH_CLIENT_AFTER, self, _T_WATCH)  # type: ignore[union-attr]
 
     def _start_dial(self) -> None:
         service = self.service
@@ -201,13 +193,7 @@ class Session(Relay):
 
     def on_timer(self, kind: int) -> None:
         stage = self.stage
-        if kind == _T_WATCH:
-            if stage == _DIALING and self.cmask == UNWATCHED:
-                self._watch_client(RDHUP)
-        elif kind == _T_KEEPALIVE:
-            if stage == _RELAYING and self.reactor is not None:
-                apply_options(self.up.dst, self.service.keepalive_options)
-        elif kind == _T_HOLD:
+        if kind == _T_HOLD:
             if stage == _HELD:
                 self._start_dial()
         elif kind == _T_HEADER and stage == _HEADER:
@@ -219,6 +205,17 @@ class Session(Relay):
                 self._refuse(rejected.end, rejected.reason)
                 return
             self._header_done(*result)
+
+    def dial_slow(self) -> None:
+        # A dial that takes a while: watch the client, whose leaving would end it.
+        if self.stage == _DIALING and self.cmask == UNWATCHED:
+            self._watch_client(RDHUP)
+
+    def grown_up(self) -> None:
+        """The session has lived long enough for keepalive towards its backend (the
+        client side inherits it from the listening socket)."""
+        if self.stage == _RELAYING and self.reactor is not None:
+            apply_options(self.up.dst, self.service.keepalive_options)
 
     def on_failure(self, error: BaseException) -> None:
         if self.stage == _RELAYING:
@@ -261,7 +258,7 @@ class Session(Relay):
         try:
             result: tuple[ProxyHeader | None, bytes] | None
             try:
-                data = self.csock.recv(65536)
+                data = self.csock.recv(65536, DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -319,6 +316,7 @@ class Session(Relay):
         self.backend = attempt.target
         self._backend_address = attempt.address
         self.local = attempt.local
+        self._remote = attempt.remote
         self._attempt_time = now - attempt.started
         self._connect_time = waited = now - self._dial_began
         if self._held is not None:
@@ -334,7 +332,7 @@ class Session(Relay):
             self.idle_ticks = 0
             service.watch_idle(self)
         if service.keepalive_options:
-            reactor.call_later(KEEPALIVE_AFTER, self, _T_KEEPALIVE)
+            service.daemon.grow_up(self)
         self._start_relay(
             reactor,
             self.csock,
@@ -436,7 +434,7 @@ class Session(Relay):
         if target is not None:
             service.release(target)
             if self.local is not None:
-                daemon.outgoing.discard(self.local)
+                daemon.outgoing.discard(self.local, self._remote)
             if service.relaying:
                 service.relaying.discard(self)
         record = self._record(end)
@@ -450,42 +448,61 @@ class Session(Relay):
         elapsed = time.monotonic() - self._began
         peer = self.peer
         client = self.client
-        record = SessionRecord(
-            session=self.session_id,
-            started=time.time() - elapsed,
-            client=format_hostport(client[0], client[1]),
-            listener=self.listener.name,
-            service=self.service.name,
-            duration=elapsed,
-            end=end,
-        )
-        if client is not peer:
-            record.via = format_hostport(peer[0], peer[1])
-        if self._failed is not None:
-            record.failed = self._failed
-            record.attempts_omitted = self._omitted
-        record.held = self._held
-        record.connect_time = self._connect_time
         target = self.backend
-        if target is not None:
-            record.backend = target.name
-            record.backend_address = self._backend_address
-            local = self.local
-            record.local_address = format_hostport(local[0], local[1]) if local else "?"
-            record.attempt_time = self._attempt_time
-            record.from_client = self.up.received
-            record.from_backend = self.down.received
-            record.relay = self.relay_kind
-        return record
+        failed = self._failed
+        if target is None:
+            return SessionRecord(
+                self.session_id,
+                time.time() - elapsed,
+                format_hostport(client[0], client[1]),
+                self.listener.name,
+                self.service.name,
+                failed or [],
+                None,
+                None,
+                None,
+                0.0,
+                self._connect_time,
+                self._held,
+                self._omitted,
+                0,
+                0,
+                None,
+                elapsed,
+                end,
+                None if client is peer else format_hostport(peer[0], peer[1]),
+            )
+        local = self.local
+        return SessionRecord(
+            self.session_id,
+            time.time() - elapsed,
+            format_hostport(client[0], client[1]),
+            self.listener.name,
+            self.service.name,
+            failed or [],
+            target.name,
+            self._backend_address,
+            format_hostport(local[0], local[1]) if local else "?",
+            self._attempt_time,
+            self._connect_time,
+            self._held,
+            self._omitted,
+            self.up.received,
+            self.down.received,
+            self.relay_kind,
+            elapsed,
+            end,
+            None if client is peer else format_hostport(peer[0], peer[1]),
+        )
 
 
-def turn_away(sock: socket.socket) -> None:
+def turn_away(sock: RawSocket) -> None:
     """Close a client's socket with a FIN, not a reset: what it already sent is read and
     dropped first (closing with unread bytes resets, and a reset can overtake what the
     client has not read yet). A client that keeps sending may still see a reset."""
     try:
         for _ in range(_DRAIN_ROUNDS):
-            if not sock.recv(65536):
+            if not sock.recv(65536, DONTWAIT):
                 break
     except OSError:
         pass
