@@ -166,6 +166,8 @@ class AccessLog:
         self._logger = logging.getLogger(ACCESS_LOGGER)
         self._lines: list[str] = []
         self._defer: Callable[[Callable[[], None]], None] | None = None
+        # The handler lines were last found to go to directly, and the setup then.
+        self._direct: logging.StreamHandler[TextIO] | None = None
         self.set_format(log_format)
 
     def set_format(self, log_format: str) -> None:
@@ -194,17 +196,25 @@ class AccessLog:
 
     def emit(self, record: SessionRecord) -> None:
         logger = self._logger
-        if not logger.isEnabledFor(logging.INFO):
-            return
+        handlers = logger.handlers
+        direct = self._direct
+        # The usual case, checked cheaply: still the one handler found to be ours.
+        if direct is None or len(handlers) != 1 or handlers[0] is not direct:
+            direct = self._direct = self._direct_handler()
+            if direct is None:
+                if logger.isEnabledFor(logging.INFO) and not (
+                    len(handlers) == 1 and type(handlers[0]) is logging.NullHandler
+                ):
+                    logger.info(self._format(record))
+                return
         line = self._format(record)
-        defer = self._defer
-        if defer is not None and self._direct_handler() is not None:
+        if self._defer is not None:
             lines = self._lines
             lines.append(line)
             if len(lines) == 1:
-                defer(self.flush)
+                self._defer(self.flush)
             return
-        if not self._write(line):
+        if not self._write(line, direct):
             logger.info(line)
 
     def flush(self) -> None:

@@ -383,9 +383,12 @@ class Attempt:
         service = dial.service
         settings = service.settings
         started = self.started = time.monotonic()
-        budget, self.cut = dial.budget(settings.connect_timeout, started)
-        if budget < MIN_ATTEMPT_TIME:
-            return self._failed_at_once(OUTCOME_FAILOVER_TIMEOUT)
+        budget = settings.connect_timeout
+        deadline = dial.deadline
+        if deadline is not None and deadline - started < budget:
+            budget, self.cut = dial.budget(budget, started)
+            if budget < MIN_ATTEMPT_TIME:
+                return self._failed_at_once(OUTCOME_FAILOVER_TIMEOUT)
         remote = self.remote
         try:
             sock = RawSocket(
@@ -420,7 +423,11 @@ class Attempt:
         reactor = dial.reactor
         reactor.add(fd, OUT, self)
         self.mask = OUT
-        self._time(budget, _CONNECT)
+        self.budget = budget
+        if budget > SLOW_AFTER:
+            reactor.call_later(SLOW_AFTER, self, _CONNECT | _SLOW)
+        else:
+            reactor.call_later(budget, self, _CONNECT)
         return None
 
     def _time(self, budget: float, kind: int) -> None:
@@ -439,12 +446,10 @@ class Attempt:
         return outcome
 
     def on_event(self, fd: int, events: int) -> None:
-        if self.state == _CONNECTING:
-            self._connect_done(events)
-        elif self.state == _GREETING_WAIT:
-            self._greeting_read()
-
-    def _connect_done(self, events: int) -> None:
+        if self.state != _CONNECTING:
+            if self.state == _GREETING_WAIT:
+                self._greeting_read()
+            return
         sock = self.sock
         assert sock is not None
         if events & (ERR | HUP):
@@ -477,7 +482,14 @@ class Attempt:
             self._time(budget, _GREETING)
             return
         self.state = _OVER
-        dial.attempt_connected(self)
+        dial._attempt = None
+        dial._addresses = None
+        dial._position = len(dial.plan) + 1
+        health = target.health
+        # An up backend without failures in a row has nothing to learn from a success.
+        if health is not None and (not health.up or health.consecutive_failures):
+            service.succeeded(target)
+        dial.owner.dial_connected(self)
 
     def _greeting_read(self) -> None:
         sock = self.sock

@@ -91,6 +91,7 @@ class BackendHealth:
         "last_check_ok",
         "last_reason",
         "rise",
+        "up",
     )
 
     def __init__(
@@ -100,6 +101,8 @@ class BackendHealth:
         self.rise = rise
         self.fall = fall
         self._state = HealthState(initial)
+        # The state as a plain attribute: read for every connection.
+        self.up = self._state is HealthState.UP
         self.consecutive_failures = 0
         self.consecutive_successes = 0
         self.last_change: float | None = None
@@ -114,7 +117,7 @@ class BackendHealth:
 
     @property
     def is_up(self) -> bool:
-        return self._state is HealthState.UP
+        return self.up
 
     def configure(self, *, rise: int, fall: int) -> None:
         """Change the thresholds (config reload), keeping state and counts.
@@ -176,6 +179,7 @@ class BackendHealth:
     def _change(self, state: HealthState, reason: str, source: Source, now: float) -> Transition:
         transition = Transition(self._state, state, reason, source, now)
         self._state = state
+        self.up = state is HealthState.UP
         self.last_change = now
         self.last_reason = reason
         return transition

@@ -104,8 +104,9 @@ class Flow:
 class Relay:
     """Two sockets joined. The session derives from this; see the module docstring.
 
-    A subclass implements ``_relay_ended(end)`` and sends the events of both sockets
-    to ``_relay_event`` once ``_start_relay`` has run.
+    Once ``_start_relay`` has run, the reactor sends the events of both sockets to
+    ``on_event``; the subclass implements ``_finish(end)``, called once both sockets
+    are closed.
     """
 
     __slots__ = ("bmask", "chunk", "cmask", "down", "end", "pool", "reactor", "spliced", "up")
@@ -150,10 +151,11 @@ class Relay:
         self.end = None
         self.cmask = client_mask
         self.bmask = backend_mask
+        handlers = reactor.handlers
         if client_mask != UNWATCHED:
-            reactor.hand_over(client_fd, self)  # type: ignore[arg-type]
+            handlers[client_fd] = self  # type: ignore[assignment]
         if backend_mask != UNWATCHED:
-            reactor.hand_over(backend_fd, self)  # type: ignore[arg-type]
+            handlers[backend_fd] = self  # type: ignore[assignment]
         if to_backend:
             self._flush(self.up)
         if to_client and self.reactor is not None:
@@ -161,28 +163,63 @@ class Relay:
         if self.reactor is not None:
             self._update()
 
-    # --- what the subclass provides -----------------------------------------------------
-
-    def _relay_ended(self, end: str) -> None:
+    def _finish(self, end: str) -> None:
+        """Both sockets are closed: say how the session ended."""
         raise NotImplementedError
 
     # --- events ----------------------------------------------------------------------
 
-    def _relay_event(self, fd: int, events: int) -> None:
+    def on_event(self, fd: int, events: int) -> None:
+        """A socket of the session is ready. The usual event (bytes to pass on, and the
+        other side takes them all) is handled here without a further call."""
         up = self.up
         if fd == up.src_fd:
-            into, out_of = self.down, up
+            into = self.down
+            out_of = up
         else:
-            into, out_of = up, self.down
+            into = up
+            out_of = self.down
         if events & _TRY_WRITE and (into.pending is not None or into.pipe is not None):
             self._flush(into)
             if self.reactor is None:
                 return
-        if events & _TRY_READ and not out_of.eof and out_of.pending is None and out_of.pipe is None:
-            self._pump(out_of)
-            if self.reactor is None:
-                return
-        self._update()
+            self._update()
+        if (
+            not events & _TRY_READ
+            or out_of.eof
+            or out_of.pending is not None
+            or out_of.pipe is not None
+        ):
+            return
+        if out_of.received >= out_of.splice_at:
+            self._splice(out_of)
+            if self.reactor is not None:
+                self._update()
+            return
+        try:
+            data = out_of.src.recv(self.chunk, DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._broken(fd)
+            return
+        if not data:
+            self._eof(out_of)
+            if self.reactor is not None:
+                self._update()
+            return
+        count = len(data)
+        out_of.received += count
+        try:
+            sent = out_of.dst.send(data, DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._broken(out_of.dst_fd)
+            return
+        if sent != count:
+            out_of.pending = memoryview(data)[sent:]
+            self._update()
 
     @property
     def relay_kind(self) -> str:
@@ -200,14 +237,8 @@ class Relay:
 
     # --- moving bytes ------------------------------------------------------------------
 
-    def _pump(self, flow: Flow) -> None:
-        """Read what the source has and hand it to the destination."""
-        if flow.received >= flow.splice_at:
-            self._splice(flow)
-            return
-        self._copy(flow)
-
     def _copy(self, flow: Flow) -> None:
+        """One chunk through user space (a splicing flow that got no pipe)."""
         try:
             data = flow.src.recv(self.chunk, DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -379,4 +410,4 @@ class Relay:
         reactor.forget(up.dst_fd)
         up.src.close()
         up.dst.close()
-        self._relay_ended(self.end or END_CLIENT_CLOSED)
+        self._finish(self.end or END_CLIENT_CLOSED)

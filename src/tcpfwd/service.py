@@ -420,7 +420,7 @@ class ServiceRuntime:
         if shortcut is not None and not states:
             for target in shortcut:
                 health = target.health
-                if health is not None and not health.is_up:
+                if health is not None and not health.up:
                     break
             else:
                 return shortcut
@@ -473,7 +473,7 @@ class ServiceRuntime:
     def succeeded(self, target: Target) -> None:
         health = target.health
         # An up backend without failures in a row has nothing to learn from a success.
-        if health is not None and (not health.is_up or health.consecutive_failures):
+        if health is not None and (not health.up or health.consecutive_failures):
             self._monitor.passive_success(self.name, target.name)
 
     def failed(self, target: Target, reason: str) -> None:
@@ -565,28 +565,32 @@ class ServiceRuntime:
             per_client.pop(client_ip, None)
 
     def session_started(self, client_ip: str) -> str | None:
-        """Count a new session; the client address counted for it (per-client limit)."""
-        self.stats.active += 1
+        """Count a new session's client for the per-client limit (the session itself is
+        counted in ``stats.active``); the address counted, if any."""
         if self.per_client_limit is not None:
             self._count(client_ip)
             return client_ip
         return None
 
-    def session_ended(self, counted: str | None, record: SessionRecord) -> None:
+    def session_ended(
+        self, counted: str | None, record: SessionRecord, target: Target | None
+    ) -> None:
+        """Count a session that ended (``target``: the backend it was joined to)."""
         stats = self.stats
         stats.active -= 1
         if counted is not None:
             self._uncount(counted)
         stats.ends[record.end] += 1
-        stats.bytes_from_client += record.from_client
-        stats.bytes_from_backend += record.from_backend
         failed = record.failed
         if failed:
             for attempt in failed:
                 stats.backend(attempt.backend).attempts[attempt.outcome] += 1
             self._note_failover(record, failed)
-        if record.backend is not None:
-            backend = stats.backend(record.backend)
+        if target is not None:
+            stats.bytes_from_client += record.from_client
+            stats.bytes_from_backend += record.from_backend
+            backend = target.stats
+            backend.active -= 1
             backend.attempts[OUTCOME_OK] += 1
             backend.sessions += 1
         if record.connect_time is not None:

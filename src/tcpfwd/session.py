@@ -149,7 +149,10 @@ class Session(Relay):
 
     def start(self) -> None:
         service = self.service
-        self._counted = service.session_started(self.peer[0])
+        service.stats.active += 1
+        self._counted = (
+            service.session_started(self.peer[0]) if service.per_client_limit is not None else None
+        )
         service.daemon.session_started(self, service)
         settings = service.settings
         if settings.accept_proxy != ACCEPT_PROXY_OFF:
@@ -157,10 +160,9 @@ class Session(Relay):
             self._reader: HeaderReader | None = HeaderReader(
                 optional=settings.accept_proxy == ACCEPT_PROXY_OPTIONAL
             )
+            self._watch_client(IN)
             reactor = self.reactor
             assert reactor is not None
-            reactor.add(self.csock.fileno(), IN, self)
-            self.cmask = IN
             reactor.call_later(settings.proxy_header_timeout, self, _T_HEADER)
             return
         self._dial_began = self._began
@@ -182,13 +184,12 @@ class Session(Relay):
 
     # --- events ----------------------------------------------------------------------
 
-    def on_event(self, fd: int, events: int) -> None:
+    def _client_event(self, events: int) -> None:
+        """The client's socket is ready before the relay runs (see `_ClientWatch`)."""
         stage = self.stage
-        if stage == _RELAYING:
-            self._relay_event(fd, events)
-        elif stage == _HEADER:
+        if stage == _HEADER:
             self._read_header()
-        elif stage != _ENDED:
+        elif stage in (_DIALING, _HELD):
             self._client_stirred(events)
 
     def on_timer(self, kind: int) -> None:
@@ -228,7 +229,7 @@ class Session(Relay):
         assert reactor is not None
         fd = self.csock.fileno()
         if self.cmask == UNWATCHED:
-            reactor.add(fd, mask, self)
+            reactor.add(fd, mask, _ClientWatch(self))
         else:
             reactor.modify(fd, mask)
         self.cmask = mask
@@ -423,24 +424,20 @@ class Session(Relay):
             turn_away(sock)
         self._finish(end)
 
-    def _relay_ended(self, end: str) -> None:
-        self._finish(end)
-
     def _finish(self, end: str) -> None:
         self.stage = _ENDED
         service = self.service
         daemon = service.daemon
         target = self.backend
         if target is not None:
-            service.release(target)
             if self.local is not None:
                 daemon.outgoing.discard(self.local, self._remote)
             if service.relaying:
                 service.relaying.discard(self)
         record = self._record(end)
-        # Free the session's place before saying it ended: whoever reads the line may
-        # rely on the place being free.
-        service.session_ended(self._counted, record)
+        # Free the session's place (and its backend's) before saying it ended: whoever
+        # reads the line may rely on the place being free.
+        service.session_ended(self._counted, record, target)
         daemon.session_ended(self)
         service.access_log.emit(record)
 
@@ -494,6 +491,22 @@ class Session(Relay):
             end,
             None if client is peer else format_hostport(peer[0], peer[1]),
         )
+
+
+class _ClientWatch:
+    """Owns the client's socket in the reactor until the session relays (the session
+    itself then does): its events are a PROXY header, or the client leaving."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def on_event(self, fd: int, events: int) -> None:
+        self.session._client_event(events)
+
+    def on_failure(self, error: BaseException) -> None:
+        self.session.on_failure(error)
 
 
 def turn_away(sock: RawSocket) -> None:
