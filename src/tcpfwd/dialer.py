@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 from .config import SendProxySettings, format_hostport
-from .reactor import ERR, HUP, IN, OUT, RawSocket, Reactor
+from .reactor import ERR, HUP, IN, RDHUP, RawSocket, Reactor
+from .relay import BACKEND_EVENTS
 
 if TYPE_CHECKING:
     from .service import ServiceRuntime, Target
@@ -53,6 +54,7 @@ OUTCOME_GREETING_MISMATCH: Final = "greeting_mismatch"
 
 # A greeting's first line must end within this many bytes.
 MAX_GREETING_LINE: Final = 512
+_GREETING_READ: Final = MAX_GREETING_LINE * 8
 _FIRST_WORD = re.compile(rb"[A-Za-z0-9+*.-]{1,16}")
 
 # Below this, an attempt could not even complete a loopback handshake: do not start it.
@@ -351,7 +353,7 @@ class Attempt:
         "fd",
         "greeting",
         "local",
-        "mask",
+        "readable",
         "remote",
         "sock",
         "started",
@@ -372,7 +374,8 @@ class Attempt:
         self.sock: RawSocket | None = None
         self.fd = -1
         self.local: tuple[str, int] | None = None
-        self.mask = 0
+        # The connection had bytes to read when it was joined (its event came already).
+        self.readable = False
         self.started = 0.0
         self.budget = 0.0
         self.cut = False
@@ -421,8 +424,8 @@ class Attempt:
         self.local = local = (local[0], local[1])
         service.daemon.outgoing.add(local, remote)
         reactor = dial.reactor
-        reactor.add(fd, OUT, self)
-        self.mask = OUT
+        # Watched as the relay will watch it: no change of registration when joined.
+        reactor.add(fd, BACKEND_EVENTS, self)
         self.budget = budget
         if budget > SLOW_AFTER:
             reactor.call_later(SLOW_AFTER, self, _CONNECT | _SLOW)
@@ -476,11 +479,12 @@ class Attempt:
             greeting = service.settings.greeting
             assert greeting is not None
             self.state = _GREETING_WAIT
-            dial.reactor.modify(self.fd, IN)
-            self.mask = IN
             budget, self.cut = dial.budget(greeting.timeout, time.monotonic())
             self._time(budget, _GREETING)
+            if events & (IN | RDHUP):
+                self._greeting_read()
             return
+        self.readable = bool(events & (IN | RDHUP))
         self.state = _OVER
         dial._attempt = None
         dial._addresses = None
@@ -492,29 +496,35 @@ class Attempt:
         dial.owner.dial_connected(self)
 
     def _greeting_read(self) -> None:
+        """Read until the first line is there, or the backend has nothing more for now
+        (its events come once: a line cut short waits for the next)."""
         sock = self.sock
         assert sock is not None
-        try:
-            data = sock.recv(MAX_GREETING_LINE * 8)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._fail(OUTCOME_GREETING_RESET)
-            return
-        if not data:
-            self._fail(OUTCOME_GREETING_CLOSED)
-            return
-        greeting = self.greeting = self.greeting + data
-        end = greeting.find(b"\n", 0, MAX_GREETING_LINE)
-        if end < 0:
+        while True:
+            try:
+                data = sock.recv(_GREETING_READ)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._fail(OUTCOME_GREETING_RESET)
+                return
+            if not data:
+                self._fail(OUTCOME_GREETING_CLOSED)
+                return
+            greeting = self.greeting = self.greeting + data
+            end = greeting.find(b"\n", 0, MAX_GREETING_LINE)
+            if end >= 0:
+                break
             if len(greeting) >= MAX_GREETING_LINE:
                 self._fail(OUTCOME_GREETING_TOO_LONG)
-            return
+                return
         line = greeting[: end + 1]
         pattern = self.dial.service.greeting_pattern
         assert pattern is not None
         if pattern.search(line):
             self.state = _OVER
+            # What followed the line may not all have been read, and its event came.
+            self.readable = True
             self.dial.attempt_connected(self)
             return
         word = _FIRST_WORD.match(line)

@@ -39,6 +39,8 @@ OUT: Final = select.EPOLLOUT
 RDHUP: Final = select.EPOLLRDHUP
 ERR: Final = select.EPOLLERR
 HUP: Final = select.EPOLLHUP
+# Edge-triggered: reported when something changes, not for as long as a state lasts.
+EDGE: Final = select.EPOLLET
 
 # The data plane's sockets are the C type itself: the Python subclass adds a frame to
 # every creation and close, and nothing the data plane uses.
@@ -220,6 +222,11 @@ class Reactor:
                 work()
             except Exception:
                 log.exception("data plane: deferred work failed")
+
+    def report(self, owner: Handler | TimerTarget, error: Exception) -> None:
+        """``owner`` failed outside an event or timer (a callback of the loop's own)."""
+        self._failed(owner, error)
+        self._run_after()
 
     def _failed(self, owner: Handler | TimerTarget, error: Exception) -> None:
         log.error("data plane: %r failed", owner, exc_info=error)

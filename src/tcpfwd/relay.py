@@ -7,22 +7,30 @@ chunk waits in tcpfwd per direction, whatever the speed of either peer, and a sl
 reader slows its writer down through TCP itself (the approach of asyncio's
 ``_SelectorSocketTransport`` with its water marks, without the transport object).
 
+Sockets are watched edge-triggered, as nginx watches them: each is registered once, for
+everything it may need (reading, writing, the peer's EOF), and never modified or
+removed (closing it removes it). A readiness event then comes when something new
+happens, not as long as a state lasts, so the relay reads a socket until it has taken
+all there was (a read shorter than asked, or EAGAIN), and, having stopped reading a
+source while its destination was full, reads it again as soon as the destination has
+drained, without waiting for an event that already came. This spares two ``epoll_ctl``
+per session and all bookkeeping of what to watch.
+
 Splice: a flow that has moved ``splice_at`` bytes (from the first byte when the service
 asks for ``relay = "splice"``; after a few hundred KiB with ``"auto"``, so a short
 session never pays for a pipe) moves the rest socket → pipe → socket inside the kernel,
 through a pipe taken from the shared pool for as long as bytes are in flight; a chunk
 that gets no pipe is copied. Why only into an empty pipe: a pipe's capacity counts page
 slots, not bytes; a socket splice can fill every slot with fewer bytes than the pipe's
-size, and then a readable source in front of a full pipe would wake us forever.
+size.
 
 Half-close: an EOF read from one side becomes ``shutdown(SHUT_WR)`` on the other once
 its pending bytes have gone; the session ends when both directions have seen theirs
 (then both sockets are closed). A failed socket (a reset) ends it at once, and the other
 socket is reset too, so its peer learns promptly. The first cause is the end word.
 
-Interest per socket is what its two flows need: reading for the flow it feeds, writing
-for the flow that waits on it. A socket that needs neither is taken out of the epoll
-(a hang-up is reported whatever the mask, and would wake us for nothing).
+Fairness: one event moves at most a few chunks (or pipes) per direction; a flow with
+more to move carries on in the next turn of the loop, after other sessions had theirs.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Final
 
-from .reactor import DONTWAIT, ERR, HUP, IN, OUT, RawSocket
+from .reactor import DONTWAIT, EDGE, ERR, HUP, IN, OUT, RDHUP, RawSocket
 from .splice import RELAY_COPY, RELAY_SPLICE, ROUNDS_PER_WAKEUP, SPLICE_FLAGS, PipePool
 
 if TYPE_CHECKING:
@@ -50,12 +58,20 @@ END_SHUTDOWN: Final = "shutdown"
 
 # Bytes read at once (at most the service's buffer_size).
 CHUNK: Final = 64 << 10
+# Reads per direction and event before other sessions get a turn.
+READS_PER_EVENT: Final = 4
 # Not watched at all (a descriptor's interest is otherwise a mask of events).
 UNWATCHED: Final = -1
+# How the relay watches its sockets: everything, edge-triggered (writing only where
+# needed for a client: its socket is writable at once, which would be an event for
+# nothing; a backend is watched for writing anyway, to learn it connected).
+CLIENT_EVENTS: Final = IN | RDHUP | EDGE
+CLIENT_EVENTS_WRITING: Final = IN | OUT | RDHUP | EDGE
+BACKEND_EVENTS: Final = IN | OUT | RDHUP | EDGE
 
 _RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 _CLOSED_WORDS: Final = (END_CLIENT_CLOSED, END_BACKEND_CLOSED)
-_TRY_READ: Final = IN | ERR | HUP
+_TRY_READ: Final = IN | RDHUP | ERR | HUP
 _TRY_WRITE: Final = OUT | ERR | HUP
 
 
@@ -109,7 +125,7 @@ class Relay:
     are closed.
     """
 
-    __slots__ = ("bmask", "chunk", "cmask", "down", "end", "pool", "reactor", "spliced", "up")
+    __slots__ = ("chunk", "cmask", "down", "end", "pool", "reactor", "spliced", "up")
 
     # Set by _start_relay.
     up: Flow
@@ -118,7 +134,6 @@ class Relay:
     pool: PipePool
     chunk: int
     cmask: int
-    bmask: int
     end: str | None
     spliced: bool
 
@@ -128,40 +143,46 @@ class Relay:
         client: RawSocket,
         client_mask: int,
         backend: RawSocket,
-        backend_mask: int,
         *,
         to_backend: bytes,
         to_client: bytes,
+        backend_readable: bool,
         pool: PipePool,
         splice_at: int,
         chunk: int,
     ) -> None:
-        """Join ``client`` and ``backend`` (each watched with its mask so far, or
-        ``UNWATCHED``); bytes held for either side go first."""
+        """Join ``client`` (watched so far with ``client_mask``, or ``UNWATCHED``) and
+        ``backend`` (watched with ``BACKEND_EVENTS`` since its connect, and readable
+        already if ``backend_readable``); bytes held for either side go first."""
         client_fd = client.fileno()
         backend_fd = backend.fileno()
         self.reactor = reactor
-        self.up = Flow(client, client_fd, backend, backend_fd, held=to_backend, splice_at=splice_at)
-        self.down = Flow(
+        up = self.up = Flow(
+            client, client_fd, backend, backend_fd, held=to_backend, splice_at=splice_at
+        )
+        down = self.down = Flow(
             backend, backend_fd, client, client_fd, held=to_client, splice_at=splice_at
         )
         self.pool = pool
         self.chunk = chunk
         self.spliced = False
         self.end = None
-        self.cmask = client_mask
-        self.bmask = backend_mask
-        handlers = reactor.handlers
-        if client_mask != UNWATCHED:
-            handlers[client_fd] = self  # type: ignore[assignment]
-        if backend_mask != UNWATCHED:
-            handlers[backend_fd] = self  # type: ignore[assignment]
+        reactor.handlers[backend_fd] = self  # type: ignore[assignment]
+        # Registered (or changed) now, the client's socket is reported at once if it
+        # has something to read: no read needs trying here.
+        self.cmask = CLIENT_EVENTS
+        if client_mask == UNWATCHED:
+            reactor.add(client_fd, CLIENT_EVENTS, self)  # type: ignore[arg-type]
+        else:
+            reactor.hand_over(client_fd, self)  # type: ignore[arg-type]
+            reactor.modify(client_fd, CLIENT_EVENTS)
         if to_backend:
-            self._flush(self.up)
+            self._flush(up)
         if to_client and self.reactor is not None:
-            self._flush(self.down)
-        if self.reactor is not None:
-            self._update()
+            self._flush(down)
+        # The backend's event that said it connected may have said it had bytes too.
+        if backend_readable and self.reactor is not None and down.pending is None:
+            self._pump(down)
 
     def _finish(self, end: str) -> None:
         """Both sockets are closed: say how the session ended."""
@@ -183,21 +204,21 @@ class Relay:
             self._flush(into)
             if self.reactor is None:
                 return
-            self._update()
-        if (
-            not events & _TRY_READ
-            or out_of.eof
-            or out_of.pending is not None
-            or out_of.pipe is not None
-        ):
+        if not events & _TRY_READ:
+            return
+        if out_of.eof or out_of.pending is not None or out_of.pipe is not None:
+            # Nothing to read now (the source is read again once its bytes are gone);
+            # but an error must not go unheard: no later event will repeat it.
+            if events & ERR:
+                self._broken(fd)
             return
         if out_of.received >= out_of.splice_at:
             self._splice(out_of)
-            if self.reactor is not None:
-                self._update()
             return
+        # The usual case, inline: one read, one write.
+        chunk = self.chunk
         try:
-            data = out_of.src.recv(self.chunk, DONTWAIT)
+            data = out_of.src.recv(chunk, DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -205,8 +226,6 @@ class Relay:
             return
         if not data:
             self._eof(out_of)
-            if self.reactor is not None:
-                self._update()
             return
         count = len(data)
         out_of.received += count
@@ -218,8 +237,11 @@ class Relay:
             self._broken(out_of.dst_fd)
             return
         if sent != count:
-            out_of.pending = memoryview(data)[sent:]
-            self._update()
+            self._wait_for(out_of, memoryview(data)[sent:])
+        elif count == chunk or events & RDHUP:
+            # A full read, or the peer's EOF is waiting behind the bytes: there is more,
+            # and no event will say so.
+            self._copy(out_of, READS_PER_EVENT - 1, drain=bool(events & RDHUP))
 
     @property
     def relay_kind(self) -> str:
@@ -237,28 +259,48 @@ class Relay:
 
     # --- moving bytes ------------------------------------------------------------------
 
-    def _copy(self, flow: Flow) -> None:
-        """One chunk through user space (a splicing flow that got no pipe)."""
-        try:
-            data = flow.src.recv(self.chunk, DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._broken(flow.src_fd)
-            return
-        if not data:
-            self._eof(flow)
-            return
-        flow.received += len(data)
-        try:
-            sent = flow.dst.send(data, DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._broken(flow.dst_fd)
-            return
-        if sent != len(data):
-            flow.pending = memoryview(data)[sent:]
+    def _pump(self, flow: Flow) -> None:
+        """Read what the source has and pass it on: its events may have come while it
+        was not read (what they said is not known, so read until it has nothing)."""
+        if flow.received >= flow.splice_at:
+            self._splice(flow)
+        else:
+            self._copy(flow, READS_PER_EVENT, drain=True)
+
+    def _copy(self, flow: Flow, reads: int, *, drain: bool) -> None:
+        """Up to ``reads`` chunks through user space, until the source has no more: a
+        read shorter than asked says so, unless ``drain`` (then only EAGAIN does)."""
+        chunk = self.chunk
+        for _ in range(reads):
+            try:
+                data = flow.src.recv(chunk, DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._broken(flow.src_fd)
+                return
+            if not data:
+                self._eof(flow)
+                return
+            count = len(data)
+            flow.received += count
+            try:
+                sent = flow.dst.send(data, DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._broken(flow.dst_fd)
+                return
+            if sent != count:
+                self._wait_for(flow, memoryview(data)[sent:])
+                return
+            if count != chunk and not drain:
+                # A short read took everything there was.
+                return
+            if flow.received >= flow.splice_at:
+                self._splice(flow)
+                return
+        self._later(flow)
 
     def _splice(self, flow: Flow) -> None:
         pipe = flow.pipe
@@ -266,7 +308,7 @@ class Relay:
             pipe = self.pool.take()
             if pipe is None:
                 # No pipe to be had (budget, descriptors, quota): copy this chunk.
-                self._copy(flow)
+                self._copy(flow, 1, drain=True)
                 return
             flow.pipe = pipe
             if not self.spliced:
@@ -278,7 +320,10 @@ class Relay:
             try:
                 moved = os.splice(flow.src_fd, pipe.write_fd, pipe.size, flags=SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
-                break
+                # Drained: wait for the source's next event.
+                flow.pipe = None
+                self.pool.release(pipe)
+                return
             except OSError:
                 self._broken(flow.src_fd)
                 return
@@ -292,18 +337,51 @@ class Relay:
             try:
                 pipe.pending -= os.splice(pipe.read_fd, flow.dst_fd, moved, flags=SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
-                return
+                pass
             except OSError:
                 self._broken(flow.dst_fd)
                 return
             if pipe.pending:
                 # The destination is full: wait until it drains, reading nothing.
+                self._wait_for(flow, None)
                 return
+        # More may wait (a splice can stop short of what the source holds).
         flow.pipe = None
         self.pool.release(pipe)
+        self._later(flow)
+
+    def _wait_for(self, flow: Flow, rest: memoryview | None) -> None:
+        """The destination is full: hold the rest until it can take more."""
+        if rest is not None:
+            flow.pending = rest
+        if flow.dst_fd == self.up.src_fd and self.cmask != CLIENT_EVENTS_WRITING:
+            # The client's socket is watched for writing only once it is needed.
+            self.cmask = CLIENT_EVENTS_WRITING
+            reactor = self.reactor
+            assert reactor is not None
+            reactor.modify(flow.dst_fd, CLIENT_EVENTS_WRITING)
+
+    def _later(self, flow: Flow) -> None:
+        """The source may have more: carry on in the next turn of the loop."""
+        reactor = self.reactor
+        assert reactor is not None
+        reactor.loop.call_soon(self._resume, flow)
+
+    def _resume(self, flow: Flow) -> None:
+        if self.reactor is not None and not flow.eof and flow.pending is None and flow.pipe is None:
+            try:
+                self._pump(flow)
+            except Exception as error:
+                self.reactor_failed(error)
+
+    def reactor_failed(self, error: Exception) -> None:
+        reactor = self.reactor
+        if reactor is not None:
+            reactor.report(self, error)  # type: ignore[arg-type]
 
     def _flush(self, flow: Flow) -> None:
-        """Write what waits for the destination; pass an EOF on once it has gone."""
+        """Write what waits for the destination; then read the source again (its events
+        came while it was not read), or pass its EOF on."""
         pending = flow.pending
         if pending is not None:
             try:
@@ -334,6 +412,8 @@ class Relay:
             self.pool.release(pipe)
         if flow.eof:
             self._eof(flow)
+        else:
+            self._pump(flow)
 
     def _eof(self, flow: Flow) -> None:
         """The source sent its EOF: pass it on once nothing of it waits any more."""
@@ -365,35 +445,6 @@ class Relay:
         with contextlib.suppress(OSError):
             other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
         self._close()
-
-    # --- interest ----------------------------------------------------------------------
-
-    def _update(self) -> None:
-        """Watch each socket for what its flows need now, and nothing else."""
-        up, down = self.up, self.down
-        want = (IN if not up.eof and up.pending is None and up.pipe is None else 0) | (
-            OUT if down.pending is not None or down.pipe is not None else 0
-        )
-        if want != self.cmask:
-            self.cmask = self._rewatch(up.src_fd, self.cmask, want)
-        want = (IN if not down.eof and down.pending is None and down.pipe is None else 0) | (
-            OUT if up.pending is not None or up.pipe is not None else 0
-        )
-        if want != self.bmask:
-            self.bmask = self._rewatch(down.src_fd, self.bmask, want)
-
-    def _rewatch(self, fd: int, old: int, new: int) -> int:
-        reactor = self.reactor
-        assert reactor is not None
-        if not new:
-            if old != UNWATCHED:
-                reactor.remove(fd)
-            return UNWATCHED
-        if old == UNWATCHED:
-            reactor.add(fd, new, self)  # type: ignore[arg-type]
-        else:
-            reactor.modify(fd, new)
-        return new
 
     def _close(self) -> None:
         reactor = self.reactor

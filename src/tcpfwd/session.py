@@ -35,7 +35,7 @@ from .dialer import Attempt, Dial, apply_options
 from .proxy_accept import ClientGone, HeaderReader, HeaderRejected, addresses_of
 from .proxy_protocol import ProxyHeader
 from .proxy_send import SessionHeaders
-from .reactor import DONTWAIT, ERR, HUP, IN, RDHUP, RawSocket
+from .reactor import DONTWAIT, EDGE, ERR, HUP, IN, RDHUP, RawSocket
 from .relay import END_CLIENT_CLOSED, END_IDLE_TIMEOUT, END_SHUTDOWN, UNWATCHED, Relay
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ HOLD_FIRST_PAUSE: Final = 0.25
 HOLD_MAX_PAUSE: Final = 2.0
 # A session line lists at most this many attempts; a long hold counts the rest.
 MAX_LOGGED_ATTEMPTS: Final = 32
+# Bytes read at once while looking for a PROXY header (one header at most: the rest
+# waits in the socket for the relay, except what came in the same read).
+_HEADER_READ: Final = 4096
 # What a turned-away client's socket is drained of, at most, before it is closed.
 _DRAIN_ROUNDS: Final = 4
 
@@ -60,6 +63,10 @@ _DRAIN_ROUNDS: Final = 4
 _HEADER, _DIALING, _HELD, _RELAYING, _ENDED = 1, 2, 3, 4, 5
 # Timer kinds.
 _T_HEADER, _T_HOLD = 1, 2
+# How the client's socket is watched before the relay: for the PROXY header, or only
+# for the client leaving (its EOF; a reset is always reported).
+_READING_HEADER: Final = IN | RDHUP | EDGE
+_LEAVING: Final = RDHUP | EDGE
 
 # Session ids: unique per process start (random prefix) and ordered within it.
 _ID_PREFIX: Final = os.urandom(3).hex()
@@ -160,7 +167,7 @@ class Session(Relay):
             self._reader: HeaderReader | None = HeaderReader(
                 optional=settings.accept_proxy == ACCEPT_PROXY_OPTIONAL
             )
-            self._watch_client(IN)
+            self._watch_client(_READING_HEADER)
             reactor = self.reactor
             assert reactor is not None
             reactor.call_later(settings.proxy_header_timeout, self, _T_HEADER)
@@ -188,7 +195,7 @@ class Session(Relay):
         """The client's socket is ready before the relay runs (see `_ClientWatch`)."""
         stage = self.stage
         if stage == _HEADER:
-            self._read_header()
+            self._read_header(events)
         elif stage in (_DIALING, _HELD):
             self._client_stirred(events)
 
@@ -210,7 +217,7 @@ class Session(Relay):
     def dial_slow(self) -> None:
         # A dial that takes a while: watch the client, whose leaving would end it.
         if self.stage == _DIALING and self.cmask == UNWATCHED:
-            self._watch_client(RDHUP)
+            self._watch_client(_LEAVING)
 
     def grown_up(self) -> None:
         """The session has lived long enough for keepalive towards its backend (the
@@ -225,13 +232,13 @@ class Session(Relay):
             self._abandon(END_ERROR)
 
     def _watch_client(self, mask: int) -> None:
+        """Watch the client's socket before the relay (edge-triggered, as the relay does:
+        each change is told once)."""
+        if self.cmask != UNWATCHED:
+            return
         reactor = self.reactor
         assert reactor is not None
-        fd = self.csock.fileno()
-        if self.cmask == UNWATCHED:
-            reactor.add(fd, mask, _ClientWatch(self))
-        else:
-            reactor.modify(fd, mask)
+        reactor.add(self.csock.fileno(), mask, _ClientWatch(self))
         self.cmask = mask
 
     def _client_stirred(self, events: int) -> None:
@@ -248,32 +255,36 @@ class Session(Relay):
                 self._abandon(END_CLIENT_ABORTED)
                 return
             # A half-close after the request: it waits in the socket for the relay.
-            # Still told of a reset (always reported), no longer of the EOF.
-            self._watch_client(0)
 
     # --- PROXY header ------------------------------------------------------------------
 
-    def _read_header(self) -> None:
+    def _read_header(self, events: int) -> None:
+        """Read what the client sent (all of it: its events come once) into the header
+        reader, until the header is complete or more must come. A read shorter than
+        asked took all there was, unless the client's EOF waits behind it."""
         reader = self._reader
         assert reader is not None
+        sock = self.csock
         try:
-            result: tuple[ProxyHeader | None, bytes] | None
-            try:
-                data = self.csock.recv(65536, DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                result = reader.feed_eof(reset=True)
-            else:
-                result = reader.feed(data) if data else reader.feed_eof(reset=False)
+            while True:
+                result: tuple[ProxyHeader | None, bytes] | None
+                try:
+                    data = sock.recv(_HEADER_READ, DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    result = reader.feed_eof(reset=True)
+                else:
+                    result = reader.feed(data) if data else reader.feed_eof(reset=False)
+                if result is not None:
+                    self._header_done(*result)
+                    return
+                if len(data) < _HEADER_READ and not events & RDHUP:
+                    return
         except HeaderRejected as rejected:
             self._refuse(rejected.end, rejected.reason)
-            return
         except ClientGone as gone:
             self._abandon(END_CLIENT_ABORTED if gone.reset else END_CLIENT_CLOSED)
-            return
-        if result is not None:
-            self._header_done(*result)
 
     def _header_done(self, header: ProxyHeader | None, rest: bytes) -> None:
         """The header is read (or there is none): adopt its addresses, then dial."""
@@ -288,8 +299,6 @@ class Session(Relay):
         if refused is not None:
             self._refuse(*refused)
             return
-        # Not read again until the relay; still told of a reset.
-        self._watch_client(0)
         self._dial_began = time.monotonic()
         self._start_dial()
 
@@ -339,9 +348,9 @@ class Session(Relay):
             self.csock,
             self.cmask,
             attempt.take(),
-            attempt.mask,
             to_backend=self._early,
             to_client=attempt.greeting,
+            backend_readable=attempt.readable,
             pool=service.daemon.pipes,
             splice_at=service.splice_after,
             chunk=service.chunk,
@@ -364,7 +373,7 @@ class Session(Relay):
             self._abandon(END_CLIENT_ABORTED)
             return
         self.stage = _HELD
-        self._watch_client(RDHUP)
+        self._watch_client(_LEAVING)
         pause = self._hold_pause
         reactor = self.reactor
         assert reactor is not None
