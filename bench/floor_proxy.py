@@ -81,7 +81,12 @@ def main():
             return
         src.eof_in = True
         ep.modify(src.fd, 0)
-        dst.sock.shutdown(socket.SHUT_WR)
+        try:
+            dst.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            # The peer is already gone (a reset): without this the probe itself would die.
+            close_pair(src)
+            return
         dst.shut_out = True
         if dst.eof_in:
             close_pair(src)

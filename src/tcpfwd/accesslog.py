@@ -11,7 +11,6 @@ stop, errors) go to stderr through ``tcpfwd``. Both are text, or JSON objects on
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import logging.handlers
@@ -75,13 +74,21 @@ class SessionRecord:
 
 # gmtime + strftime cost more than the rest of a session line, and most lines share
 # their second with the one before: the whole-second part is formatted once per second.
-@functools.lru_cache(maxsize=8)
+_SECONDS: dict[int, str] = {}
+
+
 def _second_prefix(whole: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    prefix = _SECONDS.get(whole)
+    if prefix is None:
+        if len(_SECONDS) > 16:
+            _SECONDS.clear()
+        prefix = _SECONDS[whole] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return prefix
 
 
 def format_timestamp(seconds: float) -> str:
-    return f"{_second_prefix(int(seconds))}.{int(seconds % 1 * 1000):03d}Z"
+    whole = int(seconds)
+    return f"{_second_prefix(whole)}.{int((seconds - whole) * 1000):03d}Z"
 
 
 def _ms(seconds: float) -> str:
@@ -107,8 +114,11 @@ def format_text(record: SessionRecord) -> str:
         tried = tried.lstrip(",") or "-"
     connect = "-" if record.connect_time is None else f"{record.connect_time * 1000:.1f}ms"
     held = "-" if record.held is None else f"{record.held:.3f}s"
+    started = record.started
+    whole = int(started)
+    second = _SECONDS.get(whole) or _second_prefix(whole)
     return (
-        f"{format_timestamp(record.started)} session={record.session}"
+        f"{second}.{int((started - whole) * 1000):03d}Z session={record.session}"
         f" client={record.client} via={record.via or '-'} listener={record.listener}"
         f" service={record.service} backend={record.backend or '-'}"
         f" backend_addr={record.backend_address or '-'} local={record.local_address or '-'}"
@@ -222,7 +232,7 @@ class AccessLog:
         if not lines:
             return
         self._lines = []
-        handler = self._direct_handler()
+        handler = self._direct
         terminator = handler.terminator if handler is not None else "\n"
         if handler is None or not self._write(terminator.join(lines), handler):
             for line in lines:

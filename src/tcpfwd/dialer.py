@@ -75,8 +75,8 @@ _NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.
 # for leaving): most attempts are over long before, and spare the session that.
 SLOW_AFTER: Final = 0.05
 
-# Timer kinds; _SLOW marks the first stage of a connect or greeting timer.
-_CONNECT, _GREETING, _RETRY, _SLOW = 1, 2, 3, 8
+# Timer kinds.
+_RETRY = 1
 # Attempt states.
 _CONNECTING, _GREETING_WAIT, _OVER = 1, 2, 3
 
@@ -347,14 +347,15 @@ class Attempt:
 
     __slots__ = (
         "address",
-        "budget",
         "cut",
+        "deadline",
         "dial",
         "fd",
         "greeting",
         "local",
         "readable",
         "remote",
+        "slow",
         "sock",
         "started",
         "state",
@@ -377,7 +378,10 @@ class Attempt:
         # The connection had bytes to read when it was joined (its event came already).
         self.readable = False
         self.started = 0.0
-        self.budget = 0.0
+        # When the step under way (connect, greeting) times out, and whether the
+        # session has been told it is slow.
+        self.deadline = 0.0
+        self.slow = False
         self.cut = False
 
     def start(self) -> str | None:
@@ -426,20 +430,9 @@ class Attempt:
         reactor = dial.reactor
         # Watched as the relay will watch it: no change of registration when joined.
         reactor.add(fd, BACKEND_EVENTS, self)
-        self.budget = budget
-        if budget > SLOW_AFTER:
-            reactor.call_later(SLOW_AFTER, self, _CONNECT | _SLOW)
-        else:
-            reactor.call_later(budget, self, _CONNECT)
+        self.deadline = started + budget
+        reactor.tick(self)
         return None
-
-    def _time(self, budget: float, kind: int) -> None:
-        """The timeout of a step, in two stages: first the moment it becomes slow."""
-        self.budget = budget
-        if budget > SLOW_AFTER:
-            self.dial.reactor.call_later(SLOW_AFTER, self, kind | _SLOW)
-        else:
-            self.dial.reactor.call_later(budget, self, kind)
 
     def _failed_at_once(self, outcome: str) -> str:
         dial = self.dial
@@ -479,13 +472,15 @@ class Attempt:
             greeting = service.settings.greeting
             assert greeting is not None
             self.state = _GREETING_WAIT
-            budget, self.cut = dial.budget(greeting.timeout, time.monotonic())
-            self._time(budget, _GREETING)
+            now = time.monotonic()
+            budget, self.cut = dial.budget(greeting.timeout, now)
+            self.deadline = now + budget
             if events & (IN | RDHUP):
                 self._greeting_read()
             return
         self.readable = bool(events & (IN | RDHUP))
         self.state = _OVER
+        dial.reactor.ticking.discard(self)
         dial._attempt = None
         dial._addresses = None
         dial._position = len(dial.plan) + 1
@@ -523,6 +518,7 @@ class Attempt:
         assert pattern is not None
         if pattern.search(line):
             self.state = _OVER
+            self.dial.reactor.ticking.discard(self)
             # What followed the line may not all have been read, and its event came.
             self.readable = True
             self.dial.attempt_connected(self)
@@ -530,19 +526,19 @@ class Attempt:
         word = _FIRST_WORD.match(line)
         self._fail(f"{OUTCOME_GREETING_MISMATCH}:{word.group().decode() if word else '?'}")
 
-    def on_timer(self, kind: int) -> None:
-        if kind & _SLOW:
-            kind &= ~_SLOW
-            if (kind == _CONNECT and self.state == _CONNECTING) or (
-                kind == _GREETING and self.state == _GREETING_WAIT
-            ):
-                self.dial.reactor.call_later(self.budget - SLOW_AFTER, self, kind)
-                self.dial.owner.dial_slow()
+    def on_tick(self, now: float) -> None:
+        state = self.state
+        if state == _OVER:
+            self.dial.reactor.ticking.discard(self)
             return
-        if kind == _CONNECT and self.state == _CONNECTING:
-            self._fail(OUTCOME_FAILOVER_TIMEOUT if self.cut else OUTCOME_TIMEOUT)
-        elif kind == _GREETING and self.state == _GREETING_WAIT:
-            self._fail(OUTCOME_FAILOVER_TIMEOUT if self.cut else OUTCOME_GREETING_TIMEOUT)
+        if now >= self.deadline:
+            if state == _CONNECTING:
+                self._fail(OUTCOME_FAILOVER_TIMEOUT if self.cut else OUTCOME_TIMEOUT)
+            else:
+                self._fail(OUTCOME_FAILOVER_TIMEOUT if self.cut else OUTCOME_GREETING_TIMEOUT)
+        elif not self.slow and now - self.started >= SLOW_AFTER:
+            self.slow = True
+            self.dial.owner.dial_slow()
 
     def on_failure(self, error: BaseException) -> None:
         if self.state != _OVER:
@@ -555,6 +551,7 @@ class Attempt:
     def abandon(self) -> None:
         """Close the connection (it failed, or its session is gone)."""
         self.state = _OVER
+        self.dial.reactor.ticking.discard(self)
         sock = self.sock
         if sock is None:
             return

@@ -51,6 +51,12 @@ DONTWAIT: Final = socket.MSG_DONTWAIT
 
 # Events taken per wake-up; the rest wait for the next turn of the loop.
 MAX_EVENTS: Final = 1024
+# Watches of what ticks (connection attempts, until they connect or fail): how often
+# they are looked at. An attempt costs two set operations, where a timer of its own
+# would cost more than a whole connect on loopback; its timeout and the moment it turns
+# slow are then known to within this.
+TICK: Final = 0.01
+
 # Timers due within this of each other are handled in one wake-up of the loop: at
 # thousands of connections a second, one wake-up per timer would be most of the
 # loop's turns. Data-plane timeouts are tenths of seconds and more; a timer fires up
@@ -65,6 +71,12 @@ class Handler(Protocol):
 
     def on_failure(self, error: BaseException) -> None:
         """``on_event`` or ``on_timer`` raised: end whatever this is, cleanly."""
+
+
+class Ticking(Protocol):
+    def on_tick(self, now: float) -> None: ...
+
+    def on_failure(self, error: BaseException) -> None: ...
 
 
 class TimerTarget(Protocol):
@@ -86,8 +98,10 @@ class Reactor:
         "_firing",
         "_flush_scheduled",
         "_queues",
+        "_ticker",
         "handlers",
         "loop",
+        "ticking",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -98,13 +112,16 @@ class Reactor:
         # Descriptors closed since the last poll: a batch may still hold their events,
         # and the number may already belong to a new socket.
         self._closed: set[int] = set()
-        self._queues: dict[float, deque[tuple[float, TimerTarget, int]]] = {}
+        self._queues: dict[int, deque[tuple[float, TimerTarget, int]]] = {}
         self._armed: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
         self._firing = False
         # Inside a batch of events or timers: deferred work runs at its end.
         self._batch = False
         self._after: list[Callable[[], None]] = []
+        # What is told the time every TICK (``on_tick(now)``) until it leaves the set.
+        self.ticking: set[Ticking] = set()
+        self._ticker: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         loop.add_reader(self._epoll.fileno(), self._ready)
 
@@ -161,7 +178,7 @@ class Reactor:
         due = time.monotonic() + delay
         # One queue per length, to the millisecond: within a queue first in is first due
         # (to within that millisecond, well inside the resolution).
-        length = round(delay, 3)
+        length = int(delay * 1000)
         queue = self._queues.get(length)
         if queue is None:
             queue = self._queues[length] = deque()
@@ -201,6 +218,30 @@ class Reactor:
             self._arm(min(heads))
         self._run_after()
 
+    # --- ticks ------------------------------------------------------------------------
+
+    def tick(self, target: Ticking) -> None:
+        """Tell ``target`` the time every ``TICK`` until it leaves ``ticking`` (which it
+        does itself, with ``ticking.discard``)."""
+        self.ticking.add(target)
+        if self._ticker is None:
+            self._ticker = self.loop.call_later(TICK, self._tick)
+
+    def _tick(self) -> None:
+        self._ticker = None
+        now = time.monotonic()
+        self._batch = True
+        for target in list(self.ticking):
+            try:
+                target.on_tick(now)
+            except Exception as error:
+                self.ticking.discard(target)
+                self._failed(target, error)
+        self._batch = False
+        if self.ticking:
+            self._ticker = self.loop.call_later(TICK, self._tick)
+        self._run_after()
+
     # --- once per batch ---------------------------------------------------------------
 
     def after_batch(self, work: Callable[[], None]) -> None:
@@ -223,12 +264,12 @@ class Reactor:
             except Exception:
                 log.exception("data plane: deferred work failed")
 
-    def report(self, owner: Handler | TimerTarget, error: Exception) -> None:
+    def report(self, owner: Handler | TimerTarget | Ticking, error: Exception) -> None:
         """``owner`` failed outside an event or timer (a callback of the loop's own)."""
         self._failed(owner, error)
         self._run_after()
 
-    def _failed(self, owner: Handler | TimerTarget, error: Exception) -> None:
+    def _failed(self, owner: Handler | TimerTarget | Ticking, error: Exception) -> None:
         log.error("data plane: %r failed", owner, exc_info=error)
         try:
             owner.on_failure(error)
@@ -239,6 +280,10 @@ class Reactor:
         if self._armed is not None:
             self._armed.cancel()
             self._armed = None
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        self.ticking.clear()
         self._queues.clear()
         if not self.loop.is_closed():
             self.loop.remove_reader(self._epoll.fileno())

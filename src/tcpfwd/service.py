@@ -170,38 +170,38 @@ class OwnConnections:
     this host may come from a port our own connection to another host also uses.
     """
 
-    __slots__ = ("_shared", "by_local")
+    __slots__ = ("by_local", "shared")
 
     def __init__(self) -> None:
         # One remote address per local one (of several, any).
         self.by_local: dict[Address, Address] = {}
         # Local addresses that several of our connections share, with all their remotes.
-        self._shared: dict[Address, list[Address]] = {}
+        self.shared: dict[Address, list[Address]] = {}
 
     def add(self, local: Address, remote: Address) -> None:
         first = self.by_local.setdefault(local, remote)
         if first is not remote:
-            self._shared.setdefault(local, [first]).append(remote)
+            self.shared.setdefault(local, [first]).append(remote)
 
     def discard(self, local: Address, remote: Address) -> None:
-        shared = self._shared.get(local)
+        shared = self.shared.get(local)
         if shared is not None:
             shared.remove(remote)
             self.by_local[local] = shared[0]
             if len(shared) == 1:
-                del self._shared[local]
+                del self.shared[local]
             return
         if self.by_local.get(local) is remote:
             del self.by_local[local]
 
     def includes(self, local: Address, remote: Address) -> bool:
-        shared = self._shared.get(local)
+        shared = self.shared.get(local)
         if shared is not None:
             return remote in shared
         return self.by_local.get(local) == remote
 
     def __len__(self) -> int:
-        return len(self.by_local) + sum(len(s) - 1 for s in self._shared.values())
+        return len(self.by_local) + sum(len(s) - 1 for s in self.shared.values())
 
 
 class DaemonState:

@@ -37,6 +37,7 @@ from .proxy_protocol import ProxyHeader
 from .proxy_send import SessionHeaders
 from .reactor import DONTWAIT, EDGE, ERR, HUP, IN, RDHUP, RawSocket
 from .relay import END_CLIENT_CLOSED, END_IDLE_TIMEOUT, END_SHUTDOWN, UNWATCHED, Relay
+from .splice import RELAY_COPY, RELAY_SPLICE
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -439,31 +440,31 @@ class Session(Relay):
         daemon = service.daemon
         target = self.backend
         if target is not None:
-            if self.local is not None:
-                daemon.outgoing.discard(self.local, self._remote)
+            daemon.outgoing.discard(self.local, self._remote)  # type: ignore[arg-type]
             if service.relaying:
                 service.relaying.discard(self)
-        record = self._record(end)
+        record = self._record(end, target)
         # Free the session's place (and its backend's) before saying it ended: whoever
         # reads the line may rely on the place being free.
         service.session_ended(self._counted, record, target)
         daemon.session_ended(self)
         service.access_log.emit(record)
 
-    def _record(self, end: str) -> SessionRecord:
+    def _record(self, end: str, target: Target | None) -> SessionRecord:
         elapsed = time.monotonic() - self._began
         peer = self.peer
         client = self.client
-        target = self.backend
-        failed = self._failed
+        host = client[0]
+        shown = f"{host}:{client[1]}" if ":" not in host else f"[{host}]:{client[1]}"
+        via = None if client is peer else format_hostport(peer[0], peer[1])
         if target is None:
             return SessionRecord(
-                self.session_id,
+                f"{_ID_PREFIX}-{self.number:x}",
                 time.time() - elapsed,
-                format_hostport(client[0], client[1]),
+                shown,
                 self.listener.name,
                 self.service.name,
-                failed or [],
+                self._failed or [],
                 None,
                 None,
                 None,
@@ -476,29 +477,38 @@ class Session(Relay):
                 None,
                 elapsed,
                 end,
-                None if client is peer else format_hostport(peer[0], peer[1]),
+                via,
             )
         local = self.local
+        if local is None:
+            local_shown = "?"
+        else:
+            host = local[0]
+            local_shown = f"{host}:{local[1]}" if ":" not in host else f"[{host}]:{local[1]}"
+        up = self.up
+        down = self.down
         return SessionRecord(
-            self.session_id,
+            f"{_ID_PREFIX}-{self.number:x}",
             time.time() - elapsed,
-            format_hostport(client[0], client[1]),
+            shown,
             self.listener.name,
             self.service.name,
-            failed or [],
+            self._failed or [],
             target.name,
             self._backend_address,
-            format_hostport(local[0], local[1]) if local else "?",
+            local_shown,
             self._attempt_time,
             self._connect_time,
             self._held,
             self._omitted,
-            self.up.received,
-            self.down.received,
-            self.relay_kind,
+            up.received,
+            down.received,
+            RELAY_SPLICE
+            if up.received >= up.splice_at or down.received >= down.splice_at
+            else RELAY_COPY,
             elapsed,
             end,
-            None if client is peer else format_hostport(peer[0], peer[1]),
+            via,
         )
 
 
