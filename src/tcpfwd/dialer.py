@@ -168,13 +168,15 @@ class Dial:
         "service",
     )
 
-    def __init__(self, owner: DialOwner, plan: Sequence[Target], reactor: Reactor) -> None:
+    def __init__(
+        self, owner: DialOwner, plan: Sequence[Target], reactor: Reactor, now: float
+    ) -> None:
         self.owner = owner
-        self.service = owner.service
+        service = self.service = owner.service
         self.plan = plan
         self.reactor = reactor
-        failover_timeout = self.service.settings.failover_timeout
-        self.deadline = None if failover_timeout is None else time.monotonic() + failover_timeout
+        failover_timeout = service.settings.failover_timeout
+        self.deadline = None if failover_timeout is None else now + failover_timeout
         self._position = 0
         # The addresses of the backend being tried (its place is held meanwhile).
         self._addresses: Sequence[tuple[str, int]] | None = None
@@ -185,6 +187,23 @@ class Dial:
         self._pause = SHORTAGE_PAUSE
 
     def start(self) -> None:
+        """The first attempt. The usual one (an IP literal, no limit of connections to
+        watch) is started straight away, without the general sequence's bookkeeping."""
+        plan = self.plan
+        if plan:
+            target = plan[0]
+            addresses = target.literal
+            if addresses is not None and target.config.max_connections is None:
+                target.stats.active += 1
+                self._addresses = addresses
+                self._next_address = 1
+                attempt = Attempt(self, target, addresses[0])
+                outcome = attempt.start()
+                if outcome is None:
+                    self._attempt = attempt
+                    return
+                if self._settle(outcome, addresses):
+                    return
         self._next()
 
     def cancel(self) -> None:
@@ -248,15 +267,21 @@ class Dial:
             if outcome is None:
                 self._attempt = attempt
                 return
-            if outcome in _SHORTAGE_WORDS:
-                # Our descriptors, not the backend: try the same address again soon.
-                self._next_address -= 1
-                self.reactor.call_later(self._pause, self, _RETRY)
-                self._pause = min(self._pause * 2, SHORTAGE_MAX_PAUSE)
+            if self._settle(outcome, addresses):
                 return
-            self._reason = outcome
-            if outcome == OUTCOME_FAILOVER_TIMEOUT:
-                self._next_address = len(addresses)
+
+    def _settle(self, outcome: str, addresses: Sequence[tuple[str, int]]) -> bool:
+        """An attempt failed at once: True if the sequence must wait (a retry is timed)."""
+        if outcome in _SHORTAGE_WORDS:
+            # Our descriptors, not the backend: try the same address again soon.
+            self._next_address -= 1
+            self.reactor.call_later(self._pause, self, _RETRY)
+            self._pause = min(self._pause * 2, SHORTAGE_MAX_PAUSE)
+            return True
+        self._reason = outcome
+        if outcome == OUTCOME_FAILOVER_TIMEOUT:
+            self._next_address = len(addresses)
+        return False
 
     def _backend_failed(self, target: Target) -> None:
         """Every address of ``target`` failed: give back its place, tell health why."""

@@ -78,6 +78,8 @@ _TRY_WRITE: Final = OUT | ERR | HUP
 class Flow:
     """One direction of a session: ``src`` → ``dst``."""
 
+    # One per direction of every session: positional arguments, as they are cheaper.
+
     __slots__ = (
         "dst",
         "dst_fd",
@@ -91,13 +93,12 @@ class Flow:
         "src_fd",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917
         self,
         src: RawSocket,
         src_fd: int,
         dst: RawSocket,
         dst_fd: int,
-        *,
         held: bytes,
         splice_at: int,
     ) -> None:
@@ -137,13 +138,12 @@ class Relay:
     end: str | None
     spliced: bool
 
-    def _start_relay(
+    def _start_relay(  # noqa: PLR0917 - called once per session: positional is cheaper
         self,
         reactor: Reactor,
         client: RawSocket,
         client_mask: int,
         backend: RawSocket,
-        *,
         to_backend: bytes,
         to_client: bytes,
         backend_readable: bool,
@@ -157,12 +157,8 @@ class Relay:
         client_fd = client.fileno()
         backend_fd = backend.fileno()
         self.reactor = reactor
-        up = self.up = Flow(
-            client, client_fd, backend, backend_fd, held=to_backend, splice_at=splice_at
-        )
-        down = self.down = Flow(
-            backend, backend_fd, client, client_fd, held=to_client, splice_at=splice_at
-        )
+        up = self.up = Flow(client, client_fd, backend, backend_fd, to_backend, splice_at)
+        down = self.down = Flow(backend, backend_fd, client, client_fd, to_client, splice_at)
         self.pool = pool
         self.chunk = chunk
         self.spliced = False

@@ -173,10 +173,10 @@ class Session(Relay):
             assert reactor is not None
             reactor.call_later(settings.proxy_header_timeout, self, _T_HEADER)
             return
-        self._dial_began = self._began
-        self._start_dial()
+        self._dial_began = began = self._began
+        self._start_dial(began)
 
-    def _start_dial(self) -> None:
+    def _start_dial(self, now: float) -> None:
         service = self.service
         self.stage = _DIALING
         if service.needs_destination and self.destination is None:
@@ -187,7 +187,7 @@ class Session(Relay):
                 pass
         reactor = self.reactor
         assert reactor is not None
-        dial = self._dial = Dial(self, service.plan(self.client[0]), reactor)
+        dial = self._dial = Dial(self, service.plan(self.client[0]), reactor, now)
         dial.start()
 
     # --- events ----------------------------------------------------------------------
@@ -204,7 +204,7 @@ class Session(Relay):
         stage = self.stage
         if kind == _T_HOLD:
             if stage == _HELD:
-                self._start_dial()
+                self._start_dial(time.monotonic())
         elif kind == _T_HEADER and stage == _HEADER:
             reader = self._reader
             assert reader is not None
@@ -300,8 +300,8 @@ class Session(Relay):
         if refused is not None:
             self._refuse(*refused)
             return
-        self._dial_began = time.monotonic()
-        self._start_dial()
+        self._dial_began = now = time.monotonic()
+        self._start_dial(now)
 
     def proxy_header(self, settings: SendProxySettings) -> bytes | None:
         headers = self._headers
@@ -332,7 +332,8 @@ class Session(Relay):
         self._connect_time = waited = now - self._dial_began
         if self._held is not None:
             self._held = waited
-        self._trim_attempts()
+        if self._failed is not None:
+            self._trim_attempts()
         service = self.service
         settings = service.settings
         self.stage = _RELAYING
@@ -349,12 +350,12 @@ class Session(Relay):
             self.csock,
             self.cmask,
             attempt.take(),
-            to_backend=self._early,
-            to_client=attempt.greeting,
-            backend_readable=attempt.readable,
-            pool=service.daemon.pipes,
-            splice_at=service.splice_after,
-            chunk=service.chunk,
+            self._early,
+            attempt.greeting,
+            attempt.readable,
+            service.daemon.pipes,
+            service.splice_after,
+            service.chunk,
         )
         self._early = b""
 
