@@ -432,8 +432,8 @@ class Attempt:
                 return describe_errno(code)
             return self._failed_at_once(describe_errno(code))
         try:
-            for level, option, value in service.backend_options:
-                sock.setsockopt(level, option, value)
+            if service.nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             source = service.source_address
             if source is not None:
                 sock.bind(source)
@@ -450,11 +450,14 @@ class Attempt:
         # Known at once (the kernel chose the port at connect): should the backend be
         # tcpfwd itself, the connection that arrives on its listener is recognised.
         local = sock.getsockname()
-        self.local = local = (local[0], local[1])
+        if len(local) != 2:
+            local = (local[0], local[1])
+        self.local = local
         service.daemon.outgoing.add(local, remote)
         reactor = dial.reactor
         # Watched as the relay will watch it: no change of registration when joined.
-        reactor.add(fd, BACKEND_EVENTS, self)
+        reactor.register(fd, BACKEND_EVENTS)
+        reactor.handlers[fd] = self
         self.deadline = started + budget
         reactor.tick(self)
         return None

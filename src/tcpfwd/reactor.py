@@ -99,8 +99,10 @@ class Reactor:
         "_flush_scheduled",
         "_queues",
         "_ticker",
+        "closed",
         "handlers",
         "loop",
+        "register",
         "ticking",
     )
 
@@ -111,7 +113,7 @@ class Reactor:
         self.handlers: dict[int, Handler] = {}
         # Descriptors closed since the last poll: a batch may still hold their events,
         # and the number may already belong to a new socket.
-        self._closed: set[int] = set()
+        self.closed: set[int] = set()
         self._queues: dict[int, deque[tuple[float, TimerTarget, int]]] = {}
         self._armed: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
@@ -123,6 +125,9 @@ class Reactor:
         self.ticking: set[Ticking] = set()
         self._ticker: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
+        # The epoll's own method: the hot paths register a descriptor with it and set its
+        # handler themselves (``add`` in one call less).
+        self.register = self._epoll.register
         loop.add_reader(self._epoll.fileno(), self._ready)
 
     # --- descriptors ---------------------------------------------------------------
@@ -147,10 +152,10 @@ class Reactor:
         """``fd`` is about to be closed: closing it is what takes it out of the epoll
         (no descriptor of ours is ever duplicated), so no system call is needed."""
         if self.handlers.pop(fd, None) is not None:
-            self._closed.add(fd)
+            self.closed.add(fd)
 
     def _ready(self) -> None:
-        closed = self._closed
+        closed = self.closed
         closed.clear()
         try:
             events = self._epoll.poll(0, MAX_EVENTS)

@@ -168,7 +168,8 @@ class Relay:
         # has something to read: no read needs trying here.
         self.cmask = CLIENT_EVENTS
         if client_mask == UNWATCHED:
-            reactor.add(client_fd, CLIENT_EVENTS, self)  # type: ignore[arg-type]
+            reactor.register(client_fd, CLIENT_EVENTS)
+            reactor.handlers[client_fd] = self  # type: ignore[assignment]
         else:
             reactor.hand_over(client_fd, self)  # type: ignore[arg-type]
             reactor.modify(client_fd, CLIENT_EVENTS)
@@ -453,8 +454,15 @@ class Relay:
                 # A pipe with bytes left in it is closed, never reused (see PipePool).
                 self.pool.release(flow.pipe)
                 flow.pipe = None
-        reactor.forget(up.src_fd)
-        reactor.forget(up.dst_fd)
+        # What Reactor.forget does, for both: closing takes them out of the epoll.
+        handlers = reactor.handlers
+        closed = reactor.closed
+        fd = up.src_fd
+        handlers.pop(fd, None)
+        closed.add(fd)
+        fd = up.dst_fd
+        handlers.pop(fd, None)
+        closed.add(fd)
         up.src.close()
         up.dst.close()
         self._finish(self.end or END_CLIENT_CLOSED)

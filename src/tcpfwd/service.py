@@ -30,6 +30,7 @@ import logging
 import re
 import socket
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -363,6 +364,7 @@ class ServiceRuntime:
             (settings.source_address, 0) if settings.source_address is not None else None
         )
         # Set on each backend socket before it connects: Nagle off from the first byte.
+        self.nodelay = settings.nodelay
         self.backend_options: SocketOptions = (
             ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),) if settings.nodelay else ()
         )
@@ -593,8 +595,13 @@ class ServiceRuntime:
             backend.active -= 1
             backend.attempts[OUTCOME_OK] += 1
             backend.sessions += 1
-        if record.connect_time is not None:
-            stats.connect_seconds.observe(record.connect_time)
+        connect = record.connect_time
+        if connect is not None:
+            # Histogram.observe, inline: once per session.
+            histogram = stats.connect_seconds
+            histogram.counts[bisect_left(histogram.bounds, connect)] += 1
+            histogram.count += 1
+            histogram.total += connect
 
     def _note_failover(self, record: SessionRecord, failed: list[AttemptResult]) -> None:
         self.daemon.recent_failovers.append(
