@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 from .config import SendProxySettings, format_hostport
-from .reactor import ERR, HUP, IN, RDHUP, RawSocket, Reactor
+from .reactor import ERR, HUP, IN, RDHUP, RawSocket, Reactor, shared_address
 from .relay import BACKEND_EVENTS
 
 if TYPE_CHECKING:
@@ -449,10 +449,9 @@ class Attempt:
         fd = self.fd = sock.fileno()
         # Known at once (the kernel chose the port at connect): should the backend be
         # tcpfwd itself, the connection that arrives on its listener is recognised.
-        local = sock.getsockname()
-        if len(local) != 2:
-            local = (local[0], local[1])
-        self.local = local
+        name = sock.getsockname()
+        host = name[0]
+        local = self.local = (shared_address(host), name[1])
         service.daemon.outgoing.add(local, remote)
         reactor = dial.reactor
         # Watched as the relay will watch it: no change of registration when joined.

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .config import Address, format_hostport
-from .reactor import IN, RawSocket
+from .reactor import IN, RawSocket, shared_address
 
 if TYPE_CHECKING:
     from .reactor import Reactor
@@ -205,7 +205,8 @@ class Listener:
             if rated:
                 self._tokens -= 1.0
             try:
-                on_connection(self, conn, (peer[0], peer[1]))
+                host = peer[0]
+                on_connection(self, conn, (shared_address(host), peer[1]))
             except Exception:
                 log.exception("connection from %s on %s could not be started", peer, self.name)
                 conn.close()

@@ -64,6 +64,22 @@ TICK: Final = 0.01
 TIMER_RESOLUTION: Final = 0.01
 
 
+# Addresses as the kernel writes them, one string object each: every session keeps its
+# peer's and its own local address, and most sessions share them with many others.
+_ADDRESSES: dict[str, str] = {}
+_MAX_ADDRESSES: Final = 4096
+
+
+def shared_address(host: str) -> str:
+    """``host``, as the one string object all sessions with this address hold."""
+    shared = _ADDRESSES.get(host)
+    if shared is None:
+        if len(_ADDRESSES) >= _MAX_ADDRESSES:
+            _ADDRESSES.clear()
+        shared = _ADDRESSES[host] = host
+    return shared
+
+
 class Handler(Protocol):
     """What owns a watched descriptor."""
 
