@@ -37,8 +37,9 @@ class Plane:
         service.setdefault("listen", "127.0.0.1:0")
         config = parse_config({"services": {"svc": service}}, "test")
         self.records: list[SessionRecord] = []
+        self._ended = asyncio.Event()
         access = AccessLog()
-        access.emit = self.records.append  # type: ignore[method-assign]
+        access.emit = self._record  # type: ignore[method-assign]
         self.daemon = DaemonState(access)
         self.reactor = self.daemon.reactor = Reactor(asyncio.get_running_loop())
         self.health: HealthTable[tuple[str, str]] = HealthTable()
@@ -60,10 +61,16 @@ class Plane:
         ours.setblocking(False)
         return ours, self.session(theirs, peer)
 
+    def _record(self, record: SessionRecord) -> None:
+        self.records.append(record)
+        self._ended.set()
+
     async def ended(self, count: int, timeout: float = 10.0) -> list[SessionRecord]:
+        """The records once ``count`` sessions have ended."""
         async with asyncio.timeout(timeout):
             while len(self.records) < count:
-                await asyncio.sleep(0.005)
+                self._ended.clear()
+                await self._ended.wait()
         return self.records
 
     def close(self) -> None:

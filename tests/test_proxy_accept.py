@@ -306,3 +306,22 @@ def test_bad_clients_do_not_disturb_concurrent_good_sessions(run_tcpfwd):
     assert ends.count("bad_proxy_header") == len(BAD_HEADERS)
     assert ends.count("untrusted_source") == 0
     assert ends.count("proxy_header_timeout") == 1
+
+
+def test_a_flood_of_bad_headers_is_logged_as_one_line_with_a_count(run_tcpfwd):
+    with echo_server() as backend:
+        proxy = run_tcpfwd("127.0.0.1:0", backend.address, *TRUSTED)
+        for _ in range(30):
+            with connect(proxy.address()) as client:
+                client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                assert closed_without_reply(client)
+        with client_from(proxy.address()) as untrusted:
+            assert closed_without_reply(untrusted)
+        records = proxy.access_records(30)
+        proxy.wait_for_event("untrusted_source")
+        assert backend.accepted == 0
+    assert {r["end"] for r in records} == {"bad_proxy_header"}
+    # One line per cause and service in a window: the first connection's, with a count.
+    warnings = [e for e in proxy.events if "turned away" in e]
+    assert len(warnings) == 2, warnings
+    assert "turned away 1 connection(s) (bad_proxy_header)" in warnings[0]

@@ -9,8 +9,10 @@ import contextlib
 import hashlib
 import os
 import queue
+import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -225,3 +227,33 @@ def test_active_session_outlives_idle_timeout(run_tcpfwd):
             assert recv_all(client) == b""
         (record,) = proxy.access_records(1)
         assert record["end"] == "client_closed"
+
+
+def _sockets_of(pid: int, port: int) -> list[str]:
+    """``ss`` lines (with timers) of the given process's TCP sockets to or from ``port``."""
+    out = subprocess.run(
+        ["ss", "-tnopH", "state", "established", f"( sport = :{port} or dport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line for line in out.splitlines() if f"pid={pid}," in line]
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+@pytest.mark.parametrize("keepalive", [True, False])
+def test_keepalive_is_on_both_sides_of_a_session_that_lasts(run_tcpfwd, keepalive):
+    with echo_server() as backend:
+        options = [] if keepalive else ["--no-keepalive"]
+        proxy = run_tcpfwd("127.0.0.1:0", backend.address, *options)
+        listen_port = proxy.address()[1]
+        with connect(proxy.address()) as client:
+            client.sendall(b"x")
+            assert recv_exactly(client, 1) == b"x"
+            # The backend side is switched on once the session has lived a second or two.
+            time.sleep(2.5)
+            client_side = _sockets_of(proxy.pid, listen_port)
+            backend_side = _sockets_of(proxy.pid, backend.port)
+    assert len(client_side) == 1 and len(backend_side) == 1
+    for line in client_side + backend_side:
+        assert ("timer:(keepalive" in line) == keepalive, line

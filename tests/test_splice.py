@@ -200,3 +200,42 @@ def test_idle_spliced_sessions_hold_no_pipes(run_tcpfwd):
             client.close()
         records = proxy.access_records(51)
         assert all(r["relay"] == "splice" for r in records[1:])
+
+
+@pytest.mark.relay_fallback_allowed
+def test_at_a_low_descriptor_limit_no_accepted_client_is_dropped_and_health_is_untouched(
+    run_tcpfwd,
+):
+    """More idle spliced clients than descriptors allow: the extra ones wait in the
+    listen queue; none is accepted and then failed, and a shortage is never the
+    backend's fault."""
+    with echo_server() as backend:
+        proxy = run_tcpfwd(
+            "127.0.0.1:0",
+            backend.address,
+            "--relay",
+            "splice",
+            prefix=["prlimit", "--nofile=1024:1024", "--"],
+        )
+        capacity = int(proxy.wait_for_event("ready:").split("up to ")[1].split()[0])
+        address = proxy.address()
+        clients = []
+        for _ in range(700):
+            client = socket.create_connection(address, timeout=10)
+            client.sendall(os.urandom(1000))
+            clients.append(client)
+        served = clients[:capacity]
+        for client in served:
+            assert len(recv_exactly(client, 1000)) == 1000
+        proxy.wait_for_event("descriptor limit reached")
+        # Places freed: the queued clients are served, in turn.
+        for client in served:
+            client.close()
+        for client in clients[capacity:]:
+            assert len(recv_exactly(client, 1000)) == 1000
+            client.close()
+        records = proxy.access_records(700, timeout=30)
+    assert capacity < 700
+    assert all(r["failed"] == "-" for r in records), [r for r in records if r["failed"] != "-"]
+    assert all(r["end"] == "client_closed" for r in records)
+    assert not [e for e in proxy.events if " is down" in e]

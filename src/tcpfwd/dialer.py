@@ -452,7 +452,7 @@ class Attempt:
         name = sock.getsockname()
         host = name[0]
         local = self.local = (shared_address(host), name[1])
-        service.daemon.outgoing.add(local, remote)
+        service.daemon.outgoing.add(local, self)
         reactor = dial.reactor
         # Watched as the relay will watch it: no change of registration when joined.
         reactor.register(fd, BACKEND_EVENTS)
@@ -553,6 +553,9 @@ class Attempt:
         word = _FIRST_WORD.match(line)
         self._fail(f"{OUTCOME_GREETING_MISMATCH}:{word.group().decode() if word else '?'}")
 
+    def is_new(self, now: float) -> bool:
+        return self.state != _OVER
+
     def on_tick(self, now: float) -> None:
         state = self.state
         if state == _OVER:
@@ -585,7 +588,7 @@ class Attempt:
         self.sock = None
         self.dial.reactor.forget(self.fd)
         if self.local is not None:
-            self.dial.service.daemon.outgoing.discard(self.local, self.remote)
+            self.dial.service.daemon.outgoing.discard(self.local, self)
         sock.close()
 
     def take(self) -> RawSocket:

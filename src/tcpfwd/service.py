@@ -34,7 +34,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .accesslog import AccessLog, AttemptResult, SessionRecord, format_timestamp
 from .config import ACCEPT_PROXY_OFF, BackendConfig, ServiceConfig, format_hostport
@@ -162,44 +162,72 @@ class RejectLog:
 Address = tuple[str, int]
 
 
-class OwnConnections:
-    """The local and remote addresses of tcpfwd's own connections to backends.
+class Outgoing(Protocol):
+    """One of tcpfwd's own connections to a backend: an attempt, then its session."""
 
-    A connection accepted from one of them, on the very address it was made to, is
-    tcpfwd talking to itself. A local address alone would not say so: the kernel gives
-    one local port to several connections to different destinations, and a client on
-    this host may come from a port our own connection to another host also uses.
+    @property
+    def remote(self) -> Address: ...
+
+    def is_new(self, now: float) -> bool:
+        """Still connecting, or just connected and nothing heard back yet."""
+
+
+# A connection of ours counts as new for this long after it connected, at most.
+NEW_CONNECTION: Final = 1.0
+
+
+class OwnConnections:
+    """tcpfwd's own connections to backends, by their local address.
+
+    A connection accepted from one of these local addresses may be tcpfwd talking to
+    itself: certainly so when it arrived on the very address that connection of ours
+    was made to (a backend that is one of our listeners), and so when that connection
+    of ours is new and silent (a box in the path, NAT or port forward, sent it back to
+    us: it arrives on another address than it was made to, while ours has just
+    connected and heard nothing). A local address alone would not say so: the kernel
+    gives one local port to several connections to different destinations, and a
+    client on this host may well come from a port that a long-lived connection of ours
+    to another host also uses.
     """
 
     __slots__ = ("by_local", "shared")
 
     def __init__(self) -> None:
-        # One remote address per local one (of several, any).
-        self.by_local: dict[Address, Address] = {}
-        # Local addresses that several of our connections share, with all their remotes.
-        self.shared: dict[Address, list[Address]] = {}
+        # One connection per local address (of several, any).
+        self.by_local: dict[Address, Outgoing] = {}
+        # Local addresses that several of our connections share, with all of them.
+        self.shared: dict[Address, list[Outgoing]] = {}
 
-    def add(self, local: Address, remote: Address) -> None:
-        first = self.by_local.setdefault(local, remote)
-        if first is not remote:
-            self.shared.setdefault(local, [first]).append(remote)
+    def add(self, local: Address, owner: Outgoing) -> None:
+        first = self.by_local.setdefault(local, owner)
+        if first is not owner:
+            self.shared.setdefault(local, [first]).append(owner)
 
-    def discard(self, local: Address, remote: Address) -> None:
+    def hand_over(self, local: Address, old: Outgoing, new: Outgoing) -> None:
+        """The connection from ``local`` is now ``new``'s (an attempt became a session)."""
         shared = self.shared.get(local)
         if shared is not None:
-            shared.remove(remote)
+            shared[shared.index(old)] = new
+            self.by_local[local] = shared[0]
+        elif self.by_local.get(local) is old:
+            self.by_local[local] = new
+
+    def discard(self, local: Address, owner: Outgoing) -> None:
+        shared = self.shared.get(local)
+        if shared is not None:
+            shared.remove(owner)
             self.by_local[local] = shared[0]
             if len(shared) == 1:
                 del self.shared[local]
             return
-        if self.by_local.get(local) is remote:
+        if self.by_local.get(local) is owner:
             del self.by_local[local]
 
-    def includes(self, local: Address, remote: Address) -> bool:
-        shared = self.shared.get(local)
-        if shared is not None:
-            return remote in shared
-        return self.by_local.get(local) == remote
+    def is_loop(self, peer: Address, arrived_on: Address, now: float) -> bool:
+        """Whether a connection from ``peer`` that arrived on ``arrived_on`` is ours."""
+        shared = self.shared.get(peer)
+        owners = shared if shared is not None else [self.by_local[peer]]
+        return any(o.remote == arrived_on or o.is_new(now) for o in owners)
 
     def __len__(self) -> int:
         return len(self.by_local) + sum(len(s) - 1 for s in self.shared.values())
@@ -643,14 +671,14 @@ class ServiceRuntime:
 
 
 def _is_own(daemon: DaemonState, peer: Address, sock: RawSocket, listening: Address | None) -> bool:
-    """Whether a connection from ``peer`` (the local address of one of ours) arrived on
-    the address that connection of ours was made to. Rarely asked: only when a peer
-    shares a local address with one of our own connections."""
-    local = listening
-    if local is None:
+    """Whether a connection from ``peer`` (the local address of one of ours) is one of
+    ours come back. Rarely asked: only when a peer shares a local address with one of
+    our own connections."""
+    arrived_on = listening
+    if arrived_on is None:
         try:
             name = sock.getsockname()
         except OSError:
             return False
-        local = (name[0], name[1])
-    return daemon.outgoing.includes(peer, local)
+        arrived_on = (name[0], name[1])
+    return daemon.outgoing.is_loop(peer, arrived_on, time.monotonic())

@@ -37,6 +37,7 @@ from .proxy_protocol import ProxyHeader
 from .proxy_send import SessionHeaders
 from .reactor import DONTWAIT, EDGE, ERR, HUP, IN, RDHUP, RawSocket
 from .relay import END_CLIENT_CLOSED, END_IDLE_TIMEOUT, END_SHUTDOWN, UNWATCHED, Relay
+from .service import NEW_CONNECTION
 from .splice import RELAY_COPY, RELAY_SPLICE
 
 if TYPE_CHECKING:
@@ -215,6 +216,18 @@ class Session(Relay):
                 return
             self._header_done(*result)
 
+    @property
+    def remote(self) -> tuple[str, int]:
+        return self._remote
+
+    def is_new(self, now: float) -> bool:
+        """Just connected to its backend and nothing heard back (see OwnConnections)."""
+        return (
+            self.stage == _RELAYING
+            and self.down.received == 0
+            and now - self._dial_began - (self._connect_time or 0.0) < NEW_CONNECTION
+        )
+
     def dial_slow(self) -> None:
         # A dial that takes a while: watch the client, whose leaving would end it.
         if self.stage == _DIALING and self.cmask == UNWATCHED:
@@ -326,15 +339,16 @@ class Session(Relay):
         now = time.monotonic()
         self.backend = attempt.target
         self._backend_address = attempt.address
-        self.local = attempt.local
+        local = self.local = attempt.local
         self._remote = attempt.remote
+        service = self.service
+        service.daemon.outgoing.hand_over(local, attempt, self)  # type: ignore[arg-type]
         self._attempt_time = now - attempt.started
         self._connect_time = waited = now - self._dial_began
         if self._held is not None:
             self._held = waited
         if self._failed is not None:
             self._trim_attempts()
-        service = self.service
         settings = service.settings
         self.stage = _RELAYING
         reactor = self.reactor
@@ -441,7 +455,7 @@ class Session(Relay):
         daemon = service.daemon
         target = self.backend
         if target is not None:
-            daemon.outgoing.discard(self.local, self._remote)  # type: ignore[arg-type]
+            daemon.outgoing.discard(self.local, self)  # type: ignore[arg-type]
             if service.relaying:
                 service.relaying.discard(self)
         record = self._record(end, target)
