@@ -195,7 +195,7 @@ class Dialer:
         self._local_addr = (settings.source_address, 0) if settings.source_address else None
         self.socket_options = socket_options(settings)
         greeting = settings.greeting
-        self._greeting = re.compile(greeting.expect.encode("utf-8")) if greeting else None
+        self._greeting = greeting.pattern if greeting else None
 
     async def connect(
         self,
