@@ -267,7 +267,8 @@ class _HttpServerLog(logging.Handler):
                 code = getattr(error, "code", 400)
                 reason = _one_line(str(getattr(error, "message", "") or error))
                 message = f"admin: bad request from {client} refused ({code}): {reason}"
-                self._pass_on(record, logging.WARNING, message)
+                # A client's mistake, not ours: a warning at most (aiohttp says "error").
+                self._pass_on(record, min(record.levelno, logging.WARNING), message)
             else:
                 self._pass_on(
                     record, record.levelno, f"admin: {record.getMessage()}", record.exc_info
