@@ -45,6 +45,9 @@ def admin_url(proxy) -> str:
 
 def get(url: str, token: str | None = None, method: str = "GET") -> tuple[int, bytes]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if method == "POST":
+        # What the endpoint asks of an action (a form from another site cannot send it).
+        headers["X-Tcpfwd-Action"] = url.rsplit("/", 1)[-1]
     request = urllib.request.Request(url, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:

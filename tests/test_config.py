@@ -55,7 +55,7 @@ def test_bad_durations_are_rejected(text):
 
 
 @given(
-    st.decimals(min_value=0, max_value=10**6, places=3, allow_nan=False, allow_infinity=False),
+    st.decimals(min_value=0, max_value=720, places=3, allow_nan=False, allow_infinity=False),
     st.sampled_from([("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)]),
 )
 def test_any_written_duration_parses_to_its_value(number, unit):

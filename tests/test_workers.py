@@ -285,7 +285,9 @@ def test_admin_actions_reach_every_worker(supervised, tmp_path):
         )
         proxy = supervised(workers_config(tmp_path / "t.toml", service(backends)))
         url = admin_url(proxy)
-        request = urllib.request.Request(url + "/backends/main/a/disable", method="POST")
+        request = urllib.request.Request(
+            url + "/backends/main/a/disable", method="POST", headers={"X-Tcpfwd-Action": "disable"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
         count = 40

@@ -254,6 +254,18 @@ class AccessLog:
             handler.release()
 
 
+def _traceback(formatter: logging.Formatter, record: logging.LogRecord) -> str | None:
+    """The record's traceback (and stack, if asked for), or None.
+
+    Cached on the record as logging's own formatter does, so several handlers format
+    it once.
+    """
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
+    parts = [part for part in (record.exc_text, record.stack_info) if part]
+    return "\n".join(parts) if parts else None
+
+
 class _JsonEventFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         document = {
@@ -261,14 +273,123 @@ class _JsonEventFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "event": record.getMessage(),
         }
+        trace = _traceback(self, record)
+        if trace is not None:
+            document["exception"] = trace
         return json.dumps(document, separators=(",", ":"))
 
 
 class _TextEventFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return (
+        line = (
             f"{format_timestamp(record.created)} {record.levelname.lower()} {record.getMessage()}"
         )
+        trace = _traceback(self, record)
+        if trace is None:
+            return line
+        # Indented, so a reader (or a log shipper's multi-line rule) can tell the lines
+        # that belong to the event from the next event.
+        return line + "".join(f"\n    {each}" for each in trace.splitlines())
+
+
+# The admin endpoint's HTTP server (aiohttp) logs under this name and its children.
+HTTP_SERVER_LOGGER = "aiohttp"
+# Its records are passed on under this name, so the event handler and formatter of
+# ``tcpfwd`` write them (JSON lines with log_format = "json").
+HTTP_EVENT_LOGGER = "tcpfwd.http"
+# At most this many lines of the HTTP server per window; the rest are counted.
+HTTP_LOG_BURST = 10
+HTTP_LOG_WINDOW = 10.0
+# How much of a client's rejected request line or header makes it into the log.
+HTTP_DETAIL_CHARS = 160
+
+
+class _HttpServerLog(logging.Handler):
+    """Passes aiohttp's records to the event log: one line each, at most a burst a window.
+
+    A request its parser rejects (an over-long line, a bad request line, too many
+    headers) is the client's doing and may come from anyone who reaches the port, before
+    any token is checked: it becomes one warning naming the client and the reason,
+    without aiohttp's traceback. Anything else (a fault of ours) keeps its traceback.
+    """
+
+    def __init__(self, burst: int = HTTP_LOG_BURST, window: float = HTTP_LOG_WINDOW) -> None:
+        super().__init__()
+        self._burst = burst
+        self._window = window
+        self._window_start = -window
+        self._in_window = 0
+        self._dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            now = time.monotonic()
+            if now - self._window_start >= self._window:
+                dropped, self._dropped = self._dropped, 0
+                self._window_start, self._in_window = now, 0
+                if dropped:
+                    self._pass_on(
+                        record,
+                        logging.WARNING,
+                        f"admin: {dropped} more messages of the HTTP server were not logged "
+                        f"(at most {self._burst} every {self._window:g}s)",
+                    )
+            if self._in_window >= self._burst:
+                self._dropped += 1
+                return
+            self._in_window += 1
+            error = record.exc_info[1] if record.exc_info else None
+            if _is_bad_request(error):
+                args = record.args if isinstance(record.args, tuple) else ()
+                client = _one_line(str(args[0])) if args else "a client"
+                code = getattr(error, "code", 400)
+                reason = _one_line(str(getattr(error, "message", "") or error))
+                message = f"admin: bad request from {client} refused ({code}): {reason}"
+                # A client's mistake, not ours: a warning at most (aiohttp says "error").
+                self._pass_on(record, min(record.levelno, logging.WARNING), message)
+            else:
+                self._pass_on(
+                    record, record.levelno, f"admin: {record.getMessage()}", record.exc_info
+                )
+        except Exception:
+            self.handleError(record)
+
+    @staticmethod
+    def _pass_on(
+        record: logging.LogRecord,
+        level: int,
+        message: str,
+        exc_info: Any = None,
+    ) -> None:
+        target = logging.getLogger(HTTP_EVENT_LOGGER)
+        if not target.isEnabledFor(level):
+            return
+        passed = target.makeRecord(
+            target.name, level, record.pathname, record.lineno, message, (), exc_info
+        )
+        passed.created = record.created
+        target.handle(passed)
+
+
+def _is_bad_request(error: BaseException | None) -> bool:
+    """Whether aiohttp refused the request as malformed (its HttpProcessingError)."""
+    if error is None:
+        return False
+    # Looked up, not imported: aiohttp is loaded only when the admin endpoint is on.
+    module = sys.modules.get("aiohttp.http_exceptions")
+    kind = getattr(module, "HttpProcessingError", None) if module is not None else None
+    return kind is not None and isinstance(error, kind)
+
+
+def _one_line(text: str) -> str:
+    """Client-supplied text made safe for one log line: whitespace runs collapsed,
+    anything but printable ASCII escaped, and cut short."""
+    flat = " ".join(text.split())
+    safe = flat.encode("ascii", "backslashreplace").decode("ascii")
+    safe = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in safe)
+    if len(safe) > HTTP_DETAIL_CHARS:
+        safe = safe[:HTTP_DETAIL_CHARS] + "..."
+    return safe
 
 
 # The formatter of the access handler: the line as it is (see ``AccessLog.emit``).
@@ -350,3 +471,9 @@ def configure_logging(
     events.addHandler(event_handler)
     events.propagate = False
     events.setLevel(level.upper())
+    http = logging.getLogger(HTTP_SERVER_LOGGER)
+    for old in list(http.handlers):
+        http.removeHandler(old)
+    http.addHandler(_HttpServerLog())
+    http.propagate = False
+    http.setLevel(level.upper())

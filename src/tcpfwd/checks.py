@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from dataclasses import dataclass
 
 from .config import SendProxySettings
 from .dialer import describe_failure
+from .patterns import Pattern
 from .proxy_send import proxy_header_for_check
 from .resolver import Resolver
 
@@ -39,7 +39,7 @@ class Probe:
     kind: str
     timeout: float
     send: bytes = b""
-    expect: re.Pattern[bytes] | None = None
+    expect: Pattern | None = None
     ehlo: str = "localhost"
 
 
@@ -153,7 +153,7 @@ async def _send_expect(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     send: bytes,
-    expect: re.Pattern[bytes] | None,
+    expect: Pattern | None,
 ) -> None:
     if send:
         writer.write(send)
@@ -172,7 +172,7 @@ async def _send_expect(
     raise _CheckFailed(f"expect: no match in {_first_line(seen)!r}")
 
 
-async def _greeting(reader: asyncio.StreamReader, expect: re.Pattern[bytes] | None) -> None:
+async def _greeting(reader: asyncio.StreamReader, expect: Pattern | None) -> None:
     line = await reader.readline()
     if not line.endswith(b"\n"):
         raise _CheckFailed("greeting: closed")

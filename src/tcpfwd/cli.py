@@ -21,11 +21,13 @@ from .config import (
     RELAY_MODES,
     Config,
     ConfigError,
+    as_command_line_error,
     load_config,
     quick_config,
 )
 from .ctl import ControlError, backend_action, resolve_endpoint, show_status
 from .listener import ListenError
+from .localcheck import check_local
 from .server import configure_logging_for, run
 
 EXIT_OK = 0
@@ -309,9 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if (args.proxy_unique_id or args.proxy_crc32c) and args.send_proxy != "v2":
                 _quick_parser().error("--proxy-unique-id and --proxy-crc32c need --send-proxy v2")
             config = _quick_config(args)
+            try:
+                check_local(config)
+            except ConfigError as error:
+                raise as_command_line_error(error) from None
         else:
             args = _file_parser(command).parse_args(args_list[1:])
-            config = load_config(args.config)
+            config = check_local(load_config(args.config))
             if command == "check":
                 print(f"{config.source}: OK ({_describe(config)})")
                 return EXIT_OK
@@ -335,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path, overrides = args.config, args
 
         def reload_config() -> Config:
-            return _with_logging_overrides(load_config(path), overrides)
+            return check_local(_with_logging_overrides(load_config(path), overrides))
 
     try:
         if command == "run":

@@ -8,6 +8,7 @@ Defaults live in the dataclass fields below and nowhere else.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import re
@@ -16,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
+
+from .patterns import Pattern, PatternError, compile_pattern
 
 T = TypeVar("T")
 
@@ -85,7 +88,13 @@ def format_hostport(host: str, port: int) -> str:
     return f"{host or '*'}:{port}"
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
+# Every pattern here is used with fullmatch and re.ASCII: "$" would let a trailing newline
+# through (splitting log lines), and "\d" would take any script's digits.
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?", re.ASCII)
+_PORT = re.compile(r"[0-9]{1,5}", re.ASCII)
+# An IPv6 zone: an interface name or index. Linux names are at most 15 bytes; anything
+# beyond these characters could only serve to smuggle text into logs or pages.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,32}", re.ASCII)
 
 
 def parse_address(
@@ -100,10 +109,16 @@ def parse_address(
         if close < 0 or not text[close + 1 :].startswith(":"):
             raise _Invalid(f"{text!r} is not '[ipv6]:port'")
         host, port_text = text[1:close], text[close + 2 :]
+        bare, percent, zone = host.partition("%")
         try:
-            ipaddress.IPv6Address(host.split("%", 1)[0])
+            ipaddress.IPv6Address(bare)
         except ValueError:
             raise _Invalid(f"{host!r} in {text!r} is not an IPv6 address") from None
+        if percent and not _ZONE.fullmatch(zone):
+            raise _Invalid(
+                f"zone {zone!r} in {text!r} is not an interface name or number "
+                "(letters, digits, '_', '-', '.')"
+            )
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
@@ -114,10 +129,10 @@ def parse_address(
             if not allow_any_host:
                 raise _Invalid(f"{text!r} has no host")
             host = ""
-        elif not _HOSTNAME.match(host):
+        elif not _HOSTNAME.fullmatch(host):
             raise _Invalid(f"{host!r} in {text!r} is not a valid host name or address")
-    if not port_text.isdigit():
-        raise _Invalid(f"port {port_text!r} in {text!r} is not a number")
+    if not _PORT.fullmatch(port_text):
+        raise _Invalid(f"port {port_text!r} in {text!r} is not a number from 0 to 65535")
     port = int(port_text)
     lowest = 0 if allow_port_zero else 1
     if not lowest <= port <= 65535:
@@ -127,20 +142,35 @@ def parse_address(
 
 # --- value parsers --------------------------------------------------------------------
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(ms|s|m|h)?\s*", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\s*([0-9]{1,12})\s*([kmg]i?b?|b)?\s*", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+# The longest duration any setting takes: 30 days. Longer is a slip of the unit, and
+# some timers (the kernel's, the event loop's) cannot hold it.
+MAX_DURATION = 30 * 86400.0
+# The shortest timeout: below a millisecond no loopback handshake completes.
+MIN_TIMEOUT = 0.001
+# The shortest interval between active checks of one backend; shorter only burns CPU.
+MIN_CHECK_INTERVAL = 0.1
+# TCP keepalive times go to the kernel in whole seconds, at most 32767
+# (MAX_TCP_KEEPIDLE and MAX_TCP_KEEPINTVL on Linux).
+KEEPALIVE_MAX = 32767.0
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from ``"1.5s"``, ``"300ms"``, ``"2m"``, ``"1h"`` or a bare number of seconds."""
+    """Seconds from ``"1.5s"``, ``"300ms"``, ``"2m"``, ``"1h"`` or a bare number of seconds,
+    from zero up to `MAX_DURATION`."""
     if isinstance(value, bool):
         raise _Invalid(f"expected a duration like '2s', got {_kind(value)}")
     if isinstance(value, int | float):
+        # Compared before converting: an integer too large for a float would raise.
+        if value > MAX_DURATION:
+            raise _Invalid(f"{value!r} is longer than {_show_seconds(MAX_DURATION)}")
         seconds = float(value)
     elif isinstance(value, str):
-        match = _DURATION.match(value)
+        match = _DURATION.fullmatch(value)
         if not match:
             raise _Invalid(f"{value!r} is not a duration: write e.g. '1.5s', '300ms', '2m'")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
@@ -148,14 +178,40 @@ def parse_duration(value: object) -> float:
         raise _Invalid(f"expected a duration like '2s', got {_kind(value)}")
     if not math.isfinite(seconds) or seconds < 0:
         raise _Invalid(f"{value!r} is not a non-negative duration")
+    if seconds > MAX_DURATION:
+        raise _Invalid(f"{value!r} is longer than {_show_seconds(MAX_DURATION)}")
     return seconds
 
 
-def _positive_duration(value: object) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise _Invalid(f"{value!r} must be longer than zero")
-    return seconds
+def _show_seconds(seconds: float) -> str:
+    """A duration limit as the operator would write it."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 1:
+        return f"{seconds:g}s"
+    return f"{seconds * 1000:g}ms"
+
+
+def _duration_between(low: float, high: float = MAX_DURATION) -> Callable[[object], float]:
+    """A duration from ``low`` to ``high``; zero is reported as such."""
+
+    def parse(value: object) -> float:
+        seconds = parse_duration(value)
+        if seconds <= 0:
+            raise _Invalid(f"{value!r} must be longer than zero")
+        if not low <= seconds <= high:
+            raise _Invalid(
+                f"{value!r} is out of range {_show_seconds(low)} to {_show_seconds(high)}"
+            )
+        return seconds
+
+    return parse
+
+
+_positive_duration = _duration_between(MIN_TIMEOUT)
+# The kernel's own limits; a value it refuses would fail every session.
+_keepalive_duration = _duration_between(1.0, KEEPALIVE_MAX)
+_check_interval = _duration_between(MIN_CHECK_INTERVAL)
 
 
 def _optional_duration(value: object) -> float | None:
@@ -163,6 +219,8 @@ def _optional_duration(value: object) -> float | None:
     if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
         return None
     seconds = parse_duration(value)
+    if 0 < seconds < MIN_TIMEOUT:
+        raise _Invalid(f"{value!r} is shorter than {_show_seconds(MIN_TIMEOUT)}")
     return seconds or None
 
 
@@ -172,7 +230,7 @@ def _size(value: object) -> int:
     if isinstance(value, int):
         size = value
     elif isinstance(value, str):
-        match = _SIZE.match(value)
+        match = _SIZE.fullmatch(value)
         if not match:
             raise _Invalid(f"{value!r} is not a size: write e.g. 65536, '64KiB', '1MiB'")
         unit = (match.group(2) or "").lower()[:1]
@@ -249,14 +307,19 @@ def _reserve(value: object) -> int | None:
     return _int_between(0, 10_000_000)(value)
 
 
+# New connections a second per listener: far beyond what one process accepts.
+MAX_RATE = 1_000_000
+
+
 def _optional_rate(value: object) -> float | None:
     """Connections per second; ``"off"`` or zero mean no limit."""
     if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Invalid(f"expected connections per second, got {_kind(value)}")
-    if value < 0 or not math.isfinite(value):
-        raise _Invalid(f"{value} is not a rate")
+    # Compared before converting: an integer too large for a float would raise.
+    if value < 0 or value > MAX_RATE or (isinstance(value, float) and not math.isfinite(value)):
+        raise _Invalid(f"{value} is not a rate from 0 to {MAX_RATE}")
     return float(value) or None
 
 
@@ -266,19 +329,19 @@ def _log_target(value: object) -> str:
         raise _Invalid(
             f"expected 'stdout', 'stderr', 'syslog', 'off' or a path, got {_kind(value)}"
         )
-    if value in LOG_TARGETS or value.startswith("/"):
+    if value in LOG_TARGETS or (value.startswith("/") and value.isprintable()):
         return value
     raise _Invalid(f"{value!r}: write 'stdout', 'stderr', 'syslog', 'off' or an absolute path")
 
 
 def _absolute_path(value: object) -> str:
-    if not isinstance(value, str) or not value.startswith("/"):
+    if not isinstance(value, str) or not value.startswith("/") or not value.isprintable():
         raise _Invalid(f"expected an absolute path, got {value!r}")
     return value
 
 
 def _identifier(value: object) -> str:
-    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+    if not isinstance(value, str) or not value.isprintable() or any(c.isspace() for c in value):
         raise _Invalid(f"expected a user or group name or number, got {value!r}")
     return value
 
@@ -290,17 +353,18 @@ def _text(value: object) -> str:
 
 
 def _regex(value: object) -> str:
+    """A pattern the linear-time engine compiles (no backreferences, no look-around)."""
     text = _text(value)
     try:
-        re.compile(text.encode("utf-8"))
-    except re.error as error:
-        raise _Invalid(f"{text!r} is not a valid regular expression: {error}") from None
+        compile_pattern(text)
+    except PatternError as error:
+        raise _Invalid(f"{text!r} is not a valid regular expression (RE2): {error}") from None
     return text
 
 
 def _ehlo_name(value: object) -> str:
     text = _text(value)
-    if not _HOSTNAME.match(text):
+    if not _HOSTNAME.fullmatch(text):
         raise _Invalid(f"{text!r} is not a host name")
     return text
 
@@ -407,6 +471,11 @@ class HealthSettings:
         """Whether health is kept at all (otherwise the backend is always up)."""
         return self.passive or self.check != "none"
 
+    @property
+    def expect_pattern(self) -> Pattern | None:
+        """``expect`` compiled for the linear-time engine (validated when read)."""
+        return compile_pattern(self.expect) if self.expect else None
+
 
 @dataclass(frozen=True, slots=True)
 class GreetingSettings:
@@ -416,6 +485,11 @@ class GreetingSettings:
     timeout: float = 5.0
     # The preset it came from ("smtp", ...), if any: the recovery probe speaks it.
     preset: str | None = None
+
+    @property
+    def pattern(self) -> Pattern:
+        """``expect`` compiled for the linear-time engine (validated when read)."""
+        return compile_pattern(self.expect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,6 +567,9 @@ class AdminConfig:
     listen: Address | None = None
     # Bearer token required by every admin path except /healthz and /readyz.
     token: str | None = None
+    # Host names (and IPs) the endpoint answers to besides its own address, e.g. the name
+    # of a reverse proxy in front of it; any other Host header is refused (DNS rebinding).
+    hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,8 +604,8 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "failover_timeout": _optional_duration,
     "idle_timeout": _optional_duration,
     "keepalive": _boolean,
-    "keepalive_idle": _positive_duration,
-    "keepalive_interval": _positive_duration,
+    "keepalive_idle": _keepalive_duration,
+    "keepalive_interval": _keepalive_duration,
     "keepalive_count": _int_between(1, 127),
     "nodelay": _boolean,
     "buffer_size": _size,
@@ -557,7 +634,7 @@ _HEALTH_PARSERS: dict[str, Callable[[object], Any]] = {
     "fall": _int_between(1, 100),
     "rise": _int_between(1, 100),
     "check": _choice(CHECK_KINDS),
-    "interval": _positive_duration,
+    "interval": _check_interval,
     "timeout": _positive_duration,
     "send": _text,
     "expect": _regex,
@@ -581,7 +658,16 @@ _GLOBAL_PARSERS: dict[str, Callable[[object], Any]] = {
     "reuse_port": _boolean,
 }
 
-_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
+
+
+def _show_key(key: str) -> str:
+    """A key as it goes into a key path: quoted and escaped unless it is a plain word, so a
+    key holding a newline or a quote cannot split or forge a line of the report."""
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
 
 
 class _Table:
@@ -594,7 +680,8 @@ class _Table:
         self._seen: set[str] = set()
 
     def key_path(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
+        shown = _show_key(key)
+        return f"{self.path}.{shown}" if self.path else shown
 
     def has(self, key: str) -> bool:
         self._seen.add(key)
@@ -772,7 +859,7 @@ def _read_backend(
 
 
 def _name(value: object) -> str:
-    if not isinstance(value, str) or not _SERVICE_NAME.match(value):
+    if not isinstance(value, str) or not _SERVICE_NAME.fullmatch(value):
         raise _Invalid(
             f"{value!r} is not a valid name (letters, digits, '_', '-', '.'; at most 64)"
         )
@@ -793,8 +880,10 @@ def _read_list(table: _Table, key: str) -> list[object]:
 
 
 def _read_service(name: str, table: _Table, defaults: ServiceSettings) -> ServiceConfig | None:
-    if not _SERVICE_NAME.match(name):
-        table.issues.append(ConfigIssue(table.path, "service names use letters, digits, '_-.'"))
+    if not _SERVICE_NAME.fullmatch(name):
+        table.issues.append(
+            ConfigIssue(table.path, "service names use letters, digits, '_-.' (at most 64)")
+        )
     listen_path = table.key_path("listen")
     listen: list[Address] = []
     raw_listen = _read_list(table, "listen")
@@ -877,7 +966,8 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
         if not services_table.raw:
             issues.append(ConfigIssue("services", "no service is defined"))
     root.reject_unknown()
-    _check_listen_conflicts(services, issues)
+    issues += listen_overlaps(services, admin)
+    issues += self_loops(services)
     if issues:
         raise ConfigError(source, issues)
     return Config(
@@ -900,8 +990,30 @@ def _read_admin(table: _Table | None) -> AdminConfig:
         token = table.parse_at(path, table.raw["token_file"], _token_from_file, None)
     if token is not None and listen is None:
         table.issues.append(ConfigIssue(table.key_path("listen"), "needed when a token is set"))
+    hosts: tuple[str, ...] = table.take("hosts", _host_names, ())
     table.reject_unknown()
-    return AdminConfig(listen=listen, token=token)
+    return AdminConfig(listen=listen, token=token, hosts=hosts)
+
+
+def _host_names(value: object) -> tuple[str, ...]:
+    """Names or IP addresses, as a Host header carries them (without the port)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise _Invalid(f"expected a list of host names, got {_kind(value)}")
+    names: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise _Invalid(f"expected a host name, got {_kind(item)}")
+        name = item.strip().lower()
+        if name.startswith("[") and name.endswith("]"):
+            name = name[1:-1]
+        try:
+            name = str(ipaddress.ip_address(name))
+        except ValueError:
+            if not _HOSTNAME.fullmatch(name):
+                raise _Invalid(f"{item!r} is not a host name or IP address") from None
+        names.append(name)
+    return tuple(names)
 
 
 def _token(value: object) -> str:
@@ -919,20 +1031,194 @@ def _token_from_file(value: object) -> str:
         raise _Invalid(f"cannot read {path}: {error.strerror}") from None
 
 
-def _check_listen_conflicts(services: Sequence[ServiceConfig], issues: list[ConfigIssue]) -> None:
-    owners: dict[Address, str] = {}
+# --- addresses tcpfwd serves itself: overlapping listeners, backends that loop back -----
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# The IP addresses of a host name, or None where they are not known. The checks below
+# run with literals only (here, pure) and again with names resolved (localcheck.py).
+Resolve = Callable[[str], "Sequence[str] | None"]
+
+
+def _no_names(host: str) -> Sequence[str] | None:
+    return None
+
+
+def host_ips(host: str, resolve: Resolve = _no_names) -> tuple[IPAddress, ...] | None:
+    """What ``host`` stands for: "" (every interface) is 0.0.0.0 and ::, a literal is
+    itself, a name is what ``resolve`` says (None: not known)."""
+    if not host:
+        return (ipaddress.IPv4Address("0.0.0.0"), ipaddress.IPv6Address("::"))
+    try:
+        return (_plain(ipaddress.ip_address(host)),)
+    except ValueError:
+        pass
+    found = resolve(host)
+    if found is None:
+        return None
+    ips: list[IPAddress] = []
+    for text in found:
+        try:
+            ip = _plain(ipaddress.ip_address(text))
+        except ValueError:
+            continue
+        if ip not in ips:
+            ips.append(ip)
+    return tuple(ips)
+
+
+def _plain(ip: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address reaches the IPv4 socket: compare it as IPv4."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def always_local(ip: IPAddress) -> bool:
+    """Addresses that are this machine's on every machine: loopback and "any"."""
+    return ip.is_loopback or ip.is_unspecified
+
+
+@dataclass(frozen=True, slots=True)
+class _Listening:
+    path: str
+    owner: str
+    service: str | None
+    address: Address
+    ips: tuple[IPAddress, ...]
+
+
+def _listening(
+    services: Sequence[ServiceConfig], admin: AdminConfig | None, resolve: Resolve
+) -> list[_Listening]:
+    """Every listen address with a fixed port, the admin endpoint's last."""
+    entries: list[_Listening] = []
     for service in services:
         for i, address in enumerate(service.listen):
-            if address.port == 0:
-                continue
-            other = owners.setdefault(address, service.name)
-            if other != service.name:
-                issues.append(
-                    ConfigIssue(
-                        f"services.{service.name}.listen[{i}]",
-                        f"{address} is already used by service {other!r}",
-                    )
+            ips = host_ips(address.host, resolve)
+            if address.port and ips:
+                path = f"services.{_show_key(service.name)}.listen[{i}]"
+                entries.append(
+                    _Listening(path, f"service {service.name!r}", service.name, address, ips)
                 )
+    if admin is not None and admin.listen is not None and admin.listen.port:
+        ips = host_ips(admin.listen.host, resolve)
+        if ips:
+            entries.append(
+                _Listening("admin.listen", "the admin endpoint", None, admin.listen, ips)
+            )
+    return entries
+
+
+def _shared(first: tuple[IPAddress, ...], second: tuple[IPAddress, ...]) -> str | None:
+    """Where two sets of bound addresses collide on one port, in words; None if nowhere.
+
+    Each family is bound apart (IPv6 sockets are IPv6-only), and an "any" address takes
+    the port on every address of its family.
+    """
+    for a in first:
+        for b in second:
+            if a.version != b.version:
+                continue
+            if a.is_unspecified or b.is_unspecified:
+                return f"every IPv{a.version} address"
+            if a == b:
+                return str(a)
+    return None
+
+
+def listen_overlaps(
+    services: Sequence[ServiceConfig], admin: AdminConfig | None, resolve: Resolve = _no_names
+) -> list[ConfigIssue]:
+    """Listen addresses (the admin endpoint's included) that cannot all be bound.
+
+    Reported once, at the later of two; one address listed twice by one service is
+    reported where the service is read.
+    """
+    issues: list[ConfigIssue] = []
+    entries = _listening(services, admin, resolve)
+    for j, later in enumerate(entries):
+        for earlier in entries[:j]:
+            if earlier.address.port != later.address.port:
+                continue
+            same_service = earlier.service is not None and earlier.service == later.service
+            if earlier.address == later.address:
+                if same_service:
+                    continue
+                message = f"{later.address} is already used by {earlier.owner}"
+            else:
+                where = _shared(earlier.ips, later.ips)
+                if where is None:
+                    continue
+                message = (
+                    f"{later.address} overlaps {earlier.address} of {earlier.owner} "
+                    f"({earlier.path}): both take port {later.address.port} on {where}"
+                )
+            issues.append(ConfigIssue(later.path, message))
+            break
+    return issues
+
+
+def self_loops(
+    services: Sequence[ServiceConfig],
+    resolve: Resolve = _no_names,
+    is_local: Callable[[IPAddress], bool] = always_local,
+) -> list[ConfigIssue]:
+    """Backends that are one of tcpfwd's own listen addresses.
+
+    A connection to such a backend arrives back at tcpfwd, which dials it again, and
+    again, until every session place is taken. ``is_local`` says whether an address is
+    this machine's, which a wildcard listen address serves.
+    """
+    issues: list[ConfigIssue] = []
+    listening = _listening(services, None, resolve)
+    for service in services:
+        for i, backend in enumerate(service.backends):
+            ips = host_ips(backend.address.host, resolve) or ()
+            found = _loop_through(backend.address, ips, listening, is_local)
+            if found is not None:
+                path = f"services.{_show_key(service.name)}.backends[{i}]"
+                issues.append(ConfigIssue(path, found))
+    return issues
+
+
+def _loop_through(
+    address: Address,
+    ips: tuple[IPAddress, ...],
+    listening: Sequence[_Listening],
+    is_local: Callable[[IPAddress], bool],
+) -> str | None:
+    """Why connecting to ``address`` comes back to one of tcpfwd's listeners, or None."""
+    named = host_ips(address.host) is None
+    for ip in ips:
+        # Connecting to "any" reaches this machine: the loopback address of its family.
+        if ip.is_unspecified:
+            target: IPAddress = (
+                ipaddress.IPv4Address("127.0.0.1")
+                if ip.version == 4
+                else ipaddress.IPv6Address("::1")
+            )
+        else:
+            target = ip
+        for entry in listening:
+            if entry.address.port != address.port:
+                continue
+            for bound in entry.ips:
+                if bound.version != target.version:
+                    continue
+                if bound == target or (bound.is_unspecified and is_local(target)):
+                    what = f"{address} resolves to {ip}, which is" if named else f"{address} is"
+                    if bound.is_unspecified:
+                        what += f" a local address, and {entry.address} ({entry.path}) serves"
+                        what += " every local address"
+                    else:
+                        what += f" tcpfwd's own listen address {entry.address} ({entry.path})"
+                    return f"{what}: a connection to it would come back into tcpfwd and loop"
+    return None
+
+
+# A configuration is a few kilobytes; reading an arbitrary file whole (a device, a log
+# given by mistake) would only fail later and slower.
+MAX_CONFIG_BYTES = 4 << 20
 
 
 def load_config(path: str | Path) -> Config:
@@ -940,12 +1226,27 @@ def load_config(path: str | Path) -> Config:
     source = str(path)
     try:
         with open(path, "rb") as stream:
-            data = tomllib.load(stream)
+            raw = stream.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError(source, [ConfigIssue("", f"cannot read: {error.strerror}")]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, [ConfigIssue("", f"larger than {MAX_CONFIG_BYTES} bytes")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            source, [ConfigIssue("", f"not UTF-8: byte {error.start + 1} (line {line})")]
+        ) from None
+    try:
+        return parse_config(tomllib.loads(text), source)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(source, [ConfigIssue("", f"not valid TOML: {error}")]) from None
-    return parse_config(data, source)
+    except RecursionError:
+        # From the TOML reader, or from describing a value nested hundreds deep.
+        raise ConfigError(
+            source, [ConfigIssue("", "arrays or tables are nested too deeply")]
+        ) from None
 
 
 def quick_config(
@@ -964,7 +1265,12 @@ def quick_config(
     try:
         return parse_config(document, "command line")
     except ConfigError as error:
-        raise ConfigError(error.source, [_as_argument(issue) for issue in error.issues]) from None
+        raise as_command_line_error(error) from None
+
+
+def as_command_line_error(error: ConfigError) -> ConfigError:
+    """The errors of a quick-mode config, each naming the argument it came from."""
+    return ConfigError(error.source, [_as_argument(issue) for issue in error.issues])
 
 
 def _as_argument(issue: ConfigIssue) -> ConfigIssue:

@@ -16,6 +16,9 @@ from urllib.parse import quote
 
 from .config import Config, format_hostport
 
+# As admin.ACTION_HEADER; not imported from there, which would load the HTTP server.
+ACTION_HEADER = "X-Tcpfwd-Action"
+
 
 class ControlError(Exception):
     """The daemon could not be reached or refused; the message is for the operator."""
@@ -31,9 +34,20 @@ def endpoint_of(config: Config) -> tuple[str, str | None]:
     return f"http://{format_hostport(host, listen.port)}", config.admin.token
 
 
-def request(base: str, path: str, token: str | None, method: str = "GET") -> Any:
+def request(
+    base: str, path: str, token: str | None, method: str = "GET", action: str | None = None
+) -> Any:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    call = urllib.request.Request(base.rstrip("/") + path, method=method, headers=headers)
+    body = None
+    if action is not None:
+        # The endpoint takes actions only with this header or a JSON body, which no
+        # cross-site form can send; this sends both.
+        headers[ACTION_HEADER] = action
+        headers["Content-Type"] = "application/json"
+        body = json.dumps({"action": action}).encode()
+    call = urllib.request.Request(
+        base.rstrip("/") + path, data=body, method=method, headers=headers
+    )
     try:
         with urllib.request.urlopen(call, timeout=10) as response:
             return json.loads(response.read())
@@ -118,5 +132,5 @@ def backend_action(base: str, token: str | None, action: str, target: str) -> st
     if not sep or not service or not backend:
         raise ControlError(f"{target!r}: write SERVICE/BACKEND, e.g. smtp/mail1")
     path = f"/backends/{quote(service, safe='')}/{quote(backend, safe='')}/{action}"
-    answer = request(base, path, token, "POST")
+    answer = request(base, path, token, "POST", action=action)
     return f"{answer['service']}/{answer['backend']}: {answer['admin_state']}"

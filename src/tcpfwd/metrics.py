@@ -8,9 +8,10 @@ scraped (a custom collector), so nothing on the data path pays for a registry or
 from __future__ import annotations
 
 import bisect
+import errno
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -24,6 +25,62 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+
+
+# Attempt outcomes as the dialer words them (see the access log's ``failed=``), each its
+# own label value. Anything else is reduced to a word from a fixed set by
+# `outcome_label`, so that no backend can mint label values: the detail stays in the
+# access line.
+ATTEMPT_OUTCOMES = frozenset(
+    {
+        "ok",
+        "refused",
+        "timeout",
+        "unreachable",
+        "dns",
+        "failover_timeout",
+        "full",
+        "greeting_timeout",
+        "greeting_closed",
+        "greeting_reset",
+        "greeting_too_long",
+    }
+)
+# Rarer failures are named by their errno, lower-cased: a fixed set too.
+_ERRNO_OUTCOMES = frozenset(name.lower() for name in errno.errorcode.values())
+OUTCOME_OTHER = "other"
+_GREETING_MISMATCH = "greeting_mismatch"
+
+
+def outcome_label(outcome: str) -> str:
+    """The metric label value of an attempt outcome, from a fixed set.
+
+    ``greeting_mismatch:421`` becomes ``greeting_mismatch_4xx`` (the reply code's class);
+    a mismatch whose first word is not a reply code, ``greeting_mismatch_other``; an
+    outcome of no known kind, ``other``.
+    """
+    if outcome in _LABELS:
+        # Already a label (counted as one): the same again.
+        return outcome
+    kind, _, detail = outcome.partition(":")
+    if kind == _GREETING_MISMATCH:
+        if len(detail) == 3 and detail.isascii() and detail.isdigit() and detail[0] in "12345":
+            return f"{_GREETING_MISMATCH}_{detail[0]}xx"
+        return f"{_GREETING_MISMATCH}_{OUTCOME_OTHER}"
+    return OUTCOME_OTHER
+
+
+def outcome_labels() -> frozenset[str]:
+    """Every value `outcome_label` can return."""
+    return _LABELS
+
+
+_LABELS: Final = (
+    ATTEMPT_OUTCOMES
+    | _ERRNO_OUTCOMES
+    | {f"{_GREETING_MISMATCH}_{c}xx" for c in "12345"}
+    | {f"{_GREETING_MISMATCH}_{OUTCOME_OTHER}", OUTCOME_OTHER}
+)
 
 
 class Histogram:
@@ -199,10 +256,13 @@ class TcpfwdCollector(Collector):
             )
             reasons: Counter[str] = Counter()
             for backend_name, backend_stats in sorted(stats.backends.items()):
-                for outcome, count in sorted(backend_stats.attempts.items()):
-                    attempts.add_metric([name, backend_name, outcome], count)
-                    if outcome != "ok":
-                        reasons[outcome] += count
+                outcomes: Counter[str] = Counter()
+                for outcome, count in backend_stats.attempts.items():
+                    outcomes[outcome_label(outcome)] += count
+                for label, count in sorted(outcomes.items()):
+                    attempts.add_metric([name, backend_name, label], count)
+                    if label != "ok":
+                        reasons[label] += count
             for reason, count in sorted(reasons.items()):
                 failovers.add_metric([name, reason], count)
             for view in service.backend_views():

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ def probe_for(health: HealthSettings) -> Probe:
         kind=health.check,
         timeout=health.timeout,
         send=(health.send or "").encode("utf-8"),
-        expect=re.compile(health.expect.encode("utf-8")) if health.expect else None,
+        expect=health.expect_pattern,
         ehlo=health.ehlo,
     )
 
@@ -60,7 +59,7 @@ def recovery_probe_for(health: HealthSettings, greeting: GreetingSettings | None
         return Probe("tcp", health.timeout)
     if greeting.preset == "smtp":
         return Probe("smtp", health.timeout, ehlo=health.ehlo)
-    return Probe("greeting", health.timeout, expect=re.compile(greeting.expect.encode("utf-8")))
+    return Probe("greeting", health.timeout, expect=greeting.pattern)
 
 
 @dataclass(slots=True)

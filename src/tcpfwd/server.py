@@ -606,7 +606,7 @@ class Server:
             # Imported only when wanted: the HTTP stack costs a noticeable start-up time.
             from .admin import AdminServer  # noqa: PLC0415
 
-            self.admin = AdminServer(self, self.config.admin.token)
+            self.admin = AdminServer(self, self.config.admin)
             await self.admin.start(self._admin_sock)
         self.monitor.start()
         self.notifier.ready(self._status_text())

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import socket
 import time
 from bisect import bisect_left
@@ -40,7 +39,7 @@ from .accesslog import AccessLog, AttemptResult, SessionRecord, format_timestamp
 from .config import ACCEPT_PROXY_OFF, BackendConfig, ServiceConfig, format_hostport
 from .dialer import OUTCOME_OK, SocketOptions, keepalive_options
 from .health import BackendHealth
-from .metrics import BackendStats, ServiceStats
+from .metrics import BackendStats, ServiceStats, outcome_label
 from .monitor import HealthMonitor
 from .policy import Candidate, PolicyName, Scheduler
 from .proxy_accept import END_UNTRUSTED, is_trusted
@@ -406,7 +405,7 @@ class ServiceRuntime:
         # copy the options of the listener into each connection it accepts).
         self.listen_options: SocketOptions = self.backend_options + self.keepalive_options
         greeting = settings.greeting
-        self.greeting_pattern = re.compile(greeting.expect.encode("utf-8")) if greeting else None
+        self.greeting_pattern = greeting.pattern if greeting else None
         self.per_client_limit = settings.max_connections_per_client
         self.checks_addresses = settings.accept_proxy == ACCEPT_PROXY_OFF and bool(
             settings.allow or settings.deny or self.per_client_limit is not None
@@ -614,7 +613,9 @@ class ServiceRuntime:
         failed = record.failed
         if failed:
             for attempt in failed:
-                stats.backend(attempt.backend).attempts[attempt.outcome] += 1
+                # A fixed set of words: no backend can mint counters (the access line
+                # keeps the detail).
+                stats.backend(attempt.backend).attempts[outcome_label(attempt.outcome)] += 1
             self._note_failover(record, failed)
         if target is not None:
             stats.bytes_from_client += record.from_client

@@ -647,7 +647,7 @@ class Supervisor:
         if self._admin_sock is not None:
             from .admin import AdminServer  # noqa: PLC0415 - the HTTP stack is slow to import
 
-            admin = AdminServer(self, self.config.admin.token)
+            admin = AdminServer(self, self.config.admin)
             await admin.start(self._admin_sock)
         next_ping = 0.0
         while True:
