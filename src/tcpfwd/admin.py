@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from .metrics import ServiceView, TcpfwdCollector
+from .metrics import DaemonCollector, DaemonFigures, ServiceView, TcpfwdCollector
 
 log = logging.getLogger("tcpfwd")
 
@@ -47,6 +47,8 @@ class AdminTarget(Protocol):
 
     def service_views(self) -> Iterable[ServiceView]: ...
 
+    def daemon_figures(self) -> DaemonFigures: ...
+
     def set_backend_state(self, service: str, backend: str, state: str) -> str | None:
         """Apply an administrative state; returns an error message, or None."""
 
@@ -57,6 +59,7 @@ class AdminServer:
         self._token = token
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(TcpfwdCollector(target.service_views))
+        self._registry.register(DaemonCollector(target.daemon_figures))
         self._runner: web.AppRunner | None = None
         self.address: str | None = None
 
