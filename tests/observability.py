@@ -32,7 +32,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 ROOT = Path(__file__).resolve().parent.parent
-SCRAPE_INTERVAL = "1s"
+SCRAPE_INTERVAL = "500ms"
 
 
 def admin_url(proxy: Tcpfwd) -> str:

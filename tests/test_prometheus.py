@@ -38,7 +38,11 @@ from observability import (
 )
 from support import Tcpfwd, echo_server, exchange, refused_port
 
-pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed")
+pytestmark = [
+    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed"),
+    # One pytest worker runs the module, so each mode's tcpfwd and Prometheus start once.
+    pytest.mark.xdist_group("prometheus"),
+]
 
 RULES = ROOT / "deploy" / "prometheus" / "tcpfwd-alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "tcpfwd.json"
