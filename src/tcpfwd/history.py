@@ -25,7 +25,9 @@ loop of the process that serves the admin endpoint.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -96,14 +98,38 @@ def service_sample(
     )
 
 
+class _Ring:
+    """The completed buckets of one series, oldest first: at most POINTS - 1 doubles.
+
+    An array rather than a list of floats: 8 bytes a bucket. NaN marks a bucket before
+    the series existed.
+    """
+
+    __slots__ = ("values",)
+
+    def __init__(self, padding: int) -> None:
+        self.values = array("d", [math.nan]) * min(padding, POINTS - 1)
+
+    def extend(self, value: float, count: int = 1) -> None:
+        self.values.extend(itertools.repeat(value, count))
+        excess = len(self.values) - (POINTS - 1)
+        if excess > 0:
+            del self.values[:excess]
+
+    def last(self) -> float:
+        return self.values[-1] if self.values else math.nan
+
+    def scaled(self, factor: float) -> list[float | None]:
+        return [None if math.isnan(v) else _round(v * factor) for v in self.values]
+
+
 class _Counter:
     """Increments of a counter per bucket."""
 
     __slots__ = ("buckets", "high", "live")
 
     def __init__(self, total: int, padding: int) -> None:
-        # Completed buckets, oldest first; None before the series existed.
-        self.buckets: deque[float | None] = deque([None] * padding, maxlen=POINTS - 1)
+        self.buckets = _Ring(padding)
         self.live = 0.0
         # The highest total seen: a sum that dips for a moment (a worker's snapshot not
         # yet readable) and comes back must not count its sessions twice.
@@ -116,17 +142,15 @@ class _Counter:
 
     def close(self, gap: int) -> None:
         """End the bucket in progress; ``gap`` empty buckets passed since (a stall)."""
-        self.buckets.append(self.live)
-        self.buckets.extend([0.0] * gap)
+        self.buckets.extend(self.live)
+        self.buckets.extend(0.0, gap)
         self.live = 0.0
 
     def rates(self, per: float, elapsed: float) -> list[float | None]:
         """Per-``per``-seconds rates; the bucket in progress over the trailing STEP."""
-        values: list[float | None] = [None if b is None else b * per / STEP for b in self.buckets]
-        previous = self.buckets[-1] if self.buckets else None
-        carried = (previous or 0.0) * max(0.0, 1.0 - elapsed / STEP)
-        values.append((self.live + carried) * per / STEP)
-        return [None if v is None else _round(v) for v in values]
+        previous = self.buckets.last()
+        carried = (0.0 if math.isnan(previous) else previous) * max(0.0, 1.0 - elapsed / STEP)
+        return [*self.buckets.scaled(per / STEP), _round((self.live + carried) * per / STEP)]
 
 
 class _Health:
@@ -135,7 +159,7 @@ class _Health:
     __slots__ = ("buckets", "changed_at", "changes", "readings", "up", "ups")
 
     def __init__(self, sample: BackendSample, padding: int) -> None:
-        self.buckets: deque[float | None] = deque([None] * padding, maxlen=POINTS - 1)
+        self.buckets = _Ring(padding)
         self.readings = 0
         self.ups = 0
         self.up = sample.up
@@ -161,15 +185,14 @@ class _Health:
         )
 
     def close(self, gap: int) -> None:
-        share = self.ups / self.readings if self.readings else None
-        self.buckets.append(None if share is None else _round(share))
+        self.buckets.extend(self.ups / self.readings if self.readings else math.nan)
         # Nobody read it during a stall: it was most likely as it is now.
-        self.buckets.extend([1.0 if self.up else 0.0] * gap)
+        self.buckets.extend(1.0 if self.up else 0.0, gap)
         self.readings = self.ups = 0
 
     def shares(self) -> list[float | None]:
         live = self.ups / self.readings if self.readings else (1.0 if self.up else 0.0)
-        return [*self.buckets, _round(live)]
+        return [*self.buckets.scaled(1.0), _round(live)]
 
     def recent(self, now: float) -> list[dict[str, Any]]:
         return [c for c in self.changes if c["at"] >= now - SPAN]
