@@ -1,9 +1,11 @@
 """Takes docs/status-page.png: the status page after a few minutes of traffic and a failure.
 
 Everything runs on loopback: echo backends, a tcpfwd with two services, clients at a
-varying rate. A third of the way in, mail1 stops listening (connections to it are
-refused, and smtp fails over to mail2); two thirds of the way in it comes back. Then
-headless Chromium loads the status page and saves a screenshot.
+varying rate. A third of the way in, mail1 stops listening: the first client after that
+pays one refused attempt, smtp marks mail1 down and sends everyone to mail2; two thirds
+of the way in mail1 listens again and the background probes bring it back. imap2 is away
+for a shorter while in between. Then headless Chromium loads the status page and saves a
+screenshot.
 
     python docs/status_screenshot.py              # 6 minutes
     python docs/status_screenshot.py --minutes 2 --output /tmp/status.png
@@ -87,7 +89,6 @@ listen = "127.0.0.1:0"
 
 [services.smtp]
 listen = "127.0.0.1:0"
-health = {{ check = "tcp", interval = "2s", rise = 2 }}
 backends = [
     {{ address = "127.0.0.1:{port["mail1"]}", name = "mail1" }},
     {{ address = "127.0.0.1:{port["mail2"]}", name = "mail2" }},
@@ -125,7 +126,14 @@ backends = [
         duration = args.minutes * 60
         started = time.monotonic()
         down = up = False
+        imap_away = imap_back = False
         while (elapsed := time.monotonic() - started) < duration:
+            if not imap_away and elapsed > duration * 0.45:
+                backends["imap2"].stop()
+                imap_away = True
+            if not imap_back and elapsed > duration * 0.55:
+                backends["imap2"].start()
+                imap_back = True
             if not down and elapsed > duration / 3:
                 backends["mail1"].stop()
                 down = True
