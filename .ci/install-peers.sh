@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Installs the real PROXY protocol peers the interop tests start on loopback:
-# HAProxy, nginx with its stream module, and Postfix. Idempotent; run as root.
+# Installs the real peers the tests start on loopback: HAProxy, nginx with its stream
+# module and Postfix for the PROXY protocol interop tests, and Prometheus (with
+# promtool) for the metrics, alert rule and dashboard tests. Idempotent; run as root.
 #
 # Postfix is preseeded to "No configuration" so that installing it neither asks
 # questions nor writes /etc/postfix/main.cf nor starts a system mail server: the
-# tests run private instances with their own config and queue directories.
+# tests run private instances with their own config and queue directories. Prometheus
+# likewise is never started as a service: the tests run their own, with their own data
+# directory.
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
@@ -13,7 +16,7 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(haproxy nginx libnginx-mod-stream postfix)
+packages=(haproxy nginx libnginx-mod-stream postfix prometheus)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -47,7 +47,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from .config import AdminConfig
-from .metrics import ServiceView, TcpfwdCollector
+from .metrics import DaemonCollector, DaemonFigures, ServiceView, TcpfwdCollector
 
 log = logging.getLogger("tcpfwd")
 
@@ -124,6 +124,8 @@ class AdminTarget(Protocol):
 
     def service_views(self) -> Iterable[ServiceView]: ...
 
+    def daemon_figures(self) -> DaemonFigures: ...
+
     def set_backend_state(self, service: str, backend: str, state: str) -> str | None:
         """Apply an administrative state; returns an error message, or None."""
 
@@ -139,6 +141,7 @@ class AdminServer:
         self._listen_name = listen_host
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(TcpfwdCollector(target.service_views))
+        self._registry.register(DaemonCollector(target.daemon_figures))
         self._runner: web.AppRunner | None = None
         self.address: str | None = None
 

@@ -11,6 +11,7 @@ import bisect
 import errno
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from prometheus_client.core import (
@@ -349,3 +350,79 @@ def add_stats(into: ServiceStats, data: dict[str, Any], *, gauges: bool = True) 
         if gauges:
             backend.active += backend_data["active"]
         add_histogram(backend.check_seconds, backend_data["check_seconds"])
+
+
+# --- the daemon as a whole: capacity, limits, workers ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFigures:
+    index: int
+    up: bool
+    restarts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonFigures:
+    """What alerts on capacity and supervision need, read at scrape time.
+
+    With workers these are the supervisor's sums: each worker applies the descriptor
+    limit, ``[global] max_connections`` and each service's ``max_connections`` on its own.
+    """
+
+    version: str
+    started: float
+    # Sessions the daemon can hold: the descriptor-derived limit, or the global
+    # max_connections where that is lower.
+    capacity: int
+    # Services with a max_connections, by name.
+    service_limits: dict[str, int] = field(default_factory=dict)
+    # Empty for a single process.
+    workers: tuple[WorkerFigures, ...] = ()
+
+
+class DaemonCollector(Collector):
+    """Metric families of the daemon as a whole (one process, or a supervisor)."""
+
+    def __init__(self, figures: Callable[[], DaemonFigures]) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        figures = self._figures()
+        info = GaugeMetricFamily("tcpfwd_build_info", "Always 1; the version.", labels=["version"])
+        info.add_metric([figures.version], 1)
+        started = GaugeMetricFamily(
+            "tcpfwd_start_time_seconds", "When the daemon started, in Unix time."
+        )
+        started.add_metric([], figures.started)
+        capacity = GaugeMetricFamily(
+            "tcpfwd_sessions_capacity",
+            "Sessions the daemon can hold (descriptor limit or global max_connections).",
+        )
+        capacity.add_metric([], figures.capacity)
+        limits = GaugeMetricFamily(
+            "tcpfwd_service_max_connections",
+            "A service's max_connections (times the workers, which apply it each).",
+            labels=["service"],
+        )
+        for name, limit in sorted(figures.service_limits.items()):
+            limits.add_metric([name], limit)
+        yield from (info, started, capacity, limits)
+        if not figures.workers:
+            return
+        configured = GaugeMetricFamily("tcpfwd_workers", "Worker processes configured.")
+        configured.add_metric([], len(figures.workers))
+        up = GaugeMetricFamily(
+            "tcpfwd_worker_up",
+            "1 while the worker runs and has said it is ready.",
+            labels=["worker"],
+        )
+        restarts = CounterMetricFamily(
+            "tcpfwd_worker_restarts",
+            "Times the supervisor replaced a worker that exited unexpectedly.",
+            labels=["worker"],
+        )
+        for worker in figures.workers:
+            up.add_metric([str(worker.index)], 1 if worker.up else 0)
+            restarts.add_metric([str(worker.index)], worker.restarts)
+        yield from (configured, up, restarts)

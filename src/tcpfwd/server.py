@@ -36,8 +36,9 @@ from .accesslog import AccessLog, configure_logging, reopen_log_files
 from .config import Address, Config, ConfigError
 from .dialer import OUTCOME_OK, apply_options
 from .health import HealthTable
+from .history import HistorySampler, ServiceSample, service_sample
 from .listener import Listener, ListenError, open_listening_sockets
-from .metrics import service_summary
+from .metrics import DaemonFigures, service_summary
 from .monitor import HealthKey, HealthMonitor
 from .reactor import RawSocket, Reactor
 from .resolver import Resolver
@@ -210,6 +211,8 @@ class Server:
         self._idle: asyncio.Event | None = None
         self._reloading = False
         self._serving = False
+        # The last hour for the status page; sampled only where an admin endpoint shows it.
+        self.history = HistorySampler(self._history_samples, time.time)
 
     @property
     def sessions(self) -> set[Session]:
@@ -523,7 +526,7 @@ class Server:
                     "backends": backends,
                 }
             )
-        return {
+        document = {
             "version": __version__,
             "pid": os.getpid(),
             "started": self.started,
@@ -534,6 +537,32 @@ class Server:
             "services": services,
             "recent_failovers": list(self.daemon.recent_failovers),
         }
+        return self.history.annotate(document)
+
+    def _history_samples(self) -> list[ServiceSample]:
+        samples = []
+        for runtime in self.services.values():
+            backends = []
+            for view in runtime.backend_views():
+                health = self.health.get((runtime.name, view.name))
+                changed = health.last_change if health is not None else None
+                reason = health.last_reason if health is not None else None
+                backends.append((view.name, view.up, changed, reason))
+            samples.append(service_sample(runtime.name, runtime.stats, backends))
+        return samples
+
+    def daemon_figures(self) -> DaemonFigures:
+        limit = self.config.max_connections
+        return DaemonFigures(
+            version=__version__,
+            started=self.started,
+            capacity=self.capacity if limit is None else min(self.capacity, limit),
+            service_limits={
+                s.name: s.settings.max_connections
+                for s in self.config.services
+                if s.settings.max_connections is not None
+            },
+        )
 
     # --- stop ------------------------------------------------------------------------
 
@@ -608,6 +637,7 @@ class Server:
 
             self.admin = AdminServer(self, self.config.admin)
             await self.admin.start(self._admin_sock)
+            self.history.start()
         self.monitor.start()
         self.notifier.ready(self._status_text())
         if self.notifier.enabled:
@@ -623,6 +653,7 @@ class Server:
             listener.close()
         await self._drain()
         if self.admin is not None:
+            self.history.stop()
             await self.admin.stop()
         await self.monitor.stop()
         await self.resolver.close()

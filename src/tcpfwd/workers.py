@@ -44,8 +44,16 @@ from typing import Any
 from . import __version__
 from .accesslog import reopen_log_files
 from .config import Address, Config, ConfigError
+from .history import HistorySampler, ServiceSample, service_sample
 from .listener import ListenError, open_listening_sockets
-from .metrics import ServiceStats, add_stats, service_summary, stats_to_dict
+from .metrics import (
+    DaemonFigures,
+    ServiceStats,
+    WorkerFigures,
+    add_stats,
+    service_summary,
+    stats_to_dict,
+)
 from .server import (
     ListenKey,
     Server,
@@ -332,6 +340,8 @@ class Supervisor:
         self._stop_deadline: float | None = None
         self._serving = False
         self._inherited: list[socket.socket] = []
+        # The last hour for the status page, from the workers' summed snapshots.
+        self.history = HistorySampler(self._history_samples, time.time)
 
     # --- sockets -----------------------------------------------------------------------
 
@@ -649,6 +659,7 @@ class Supervisor:
 
             admin = AdminServer(self, self.config.admin)
             await admin.start(self._admin_sock)
+            self.history.start()
         next_ping = 0.0
         while True:
             self._reap()
@@ -674,6 +685,7 @@ class Supervisor:
                     self._stop_deadline = now + STOP_MARGIN
             await asyncio.sleep(POLL_INTERVAL)
         if admin is not None:
+            self.history.stop()
             await admin.stop()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(signum)
@@ -772,7 +784,7 @@ class Supervisor:
             )
         failovers = [f for s in snapshots for f in s["status"]["recent_failovers"]]
         failovers.sort(key=lambda f: str(f.get("time", "")))
-        return {
+        document = {
             "version": __version__,
             "pid": os.getpid(),
             "started": self.started,
@@ -797,6 +809,48 @@ class Supervisor:
             "services": services,
             "recent_failovers": failovers[-50:],
         }
+        return self.history.annotate(document)
+
+    def _history_samples(self) -> list[ServiceSample]:
+        snapshots = self._snapshots()
+        merged = self._merged(snapshots)
+        health = self._health(snapshots)
+        samples = []
+        for service in self.config.services:
+            backends = []
+            for backend in service.backends:
+                entry = health.get((service.name, backend.name), {})
+                backends.append(
+                    (
+                        backend.name,
+                        entry.get("health", "up") == "up",
+                        entry.get("last_change"),
+                        entry.get("reason"),
+                    )
+                )
+            samples.append(service_sample(service.name, merged[service.name], backends))
+        return samples
+
+    def daemon_figures(self) -> DaemonFigures:
+        limit = self.config.max_connections
+        capacity = 0
+        for snapshot in self._snapshots():
+            own = int(snapshot["status"]["sessions"]["capacity"])
+            capacity += own if limit is None else min(own, limit)
+        return DaemonFigures(
+            version=__version__,
+            started=self.started,
+            capacity=capacity,
+            service_limits={
+                s.name: s.settings.max_connections * self.count
+                for s in self.config.services
+                if s.settings.max_connections is not None
+            },
+            workers=tuple(
+                WorkerFigures(slot.index, slot.process is not None and slot.ready, slot.restarts)
+                for slot in self.slots
+            ),
+        )
 
     def set_backend_state(self, service: str, backend: str, state: str) -> str | None:
         config = next((s for s in self.config.services if s.name == service), None)
