@@ -73,6 +73,12 @@ def _attempt_target(attempt: Attempt) -> str:
     return f"{attempt.backend}/{attempt.address}"
 
 
+def _transparent(record: SessionRecord) -> bool:
+    """Whether the backend was reached from the client's address (the last attempt's)."""
+    attempts = record.attempts
+    return bool(attempts) and attempts[-1].outcome == OUTCOME_OK and attempts[-1].transparent
+
+
 def format_text(record: SessionRecord) -> str:
     # One f-string: this runs for every session, and the parts-and-join form it replaces
     # cost a list and seventeen strings more.
@@ -95,7 +101,7 @@ def format_text(record: SessionRecord) -> str:
         f" client={record.client} via={record.via or '-'} listener={record.listener}"
         f" service={record.service} backend={record.backend or '-'}"
         f" backend_addr={record.backend_address or '-'} local={record.local_address or '-'}"
-        f" failed={tried} connect={connect} held={held}"
+        f" transparent={int(_transparent(record))} failed={tried} connect={connect} held={held}"
         f" from_client={record.from_client} from_backend={record.from_backend}"
         f" relay={record.relay or '-'} duration={record.duration:.3f}s end={record.end}"
     )
@@ -112,6 +118,7 @@ def format_json(record: SessionRecord) -> str:
         "backend": record.backend,
         "backend_address": record.backend_address,
         "local_address": record.local_address,
+        "transparent": _transparent(record),
         "attempts": [
             {
                 "backend": a.backend,

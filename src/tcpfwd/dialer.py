@@ -31,6 +31,11 @@ from .config import BackendConfig, ServiceSettings, format_hostport
 from .proxy_send import SessionHeaders
 from .relay import Endpoint
 from .resolver import Addresses, Resolver, is_ip_literal
+from .transparent import (
+    OUTCOME_TRANSPARENT_BIND,
+    TransparentBindError,
+    create_transparent_connection,
+)
 
 OUTCOME_OK = "ok"
 OUTCOME_REFUSED = "refused"
@@ -64,6 +69,8 @@ class Attempt:
     address: str
     outcome: str
     elapsed: float
+    # Made from the client's address (transparent mode).
+    transparent: bool = False
 
 
 @dataclass(slots=True)
@@ -120,6 +127,8 @@ class AttemptGate(Protocol):
 
 def describe_failure(error: BaseException) -> str:
     """A short, stable word for why a connect failed, as it appears in the log."""
+    if isinstance(error, TransparentBindError):
+        return OUTCOME_TRANSPARENT_BIND
     if isinstance(error, TimeoutError):
         return OUTCOME_TIMEOUT
     if isinstance(error, ConnectionRefusedError):
@@ -235,8 +244,9 @@ class Dialer:
             if connected is not None:
                 gate.succeeded(backend)
                 return connected
-            # Cut short by the failover deadline: says nothing about the backend's health.
-            if reason != OUTCOME_FAILOVER_TIMEOUT:
+            # Cut short by the failover deadline, or our own socket could not be bound to
+            # the client's address: says nothing about the backend's health.
+            if reason not in (OUTCOME_FAILOVER_TIMEOUT, OUTCOME_TRANSPARENT_BIND):
                 gate.failed(backend, reason)
         return None
 
@@ -305,15 +315,22 @@ class Dialer:
             return None, OUTCOME_FAILOVER_TIMEOUT
         task = asyncio.current_task(loop)
         assert task is not None
+        # Transparent mode: from the client's address (the session's, PROXY-named if so).
+        client_ip = headers.source[0] if backend.transparent and headers is not None else None
         timer = _Timer(loop, task, budget)
         try:
             try:
-                transport, endpoint = await loop.create_connection(
-                    lambda: Endpoint("backend", settings.buffer_size),
-                    ip,
-                    port,
-                    local_addr=self._local_addr,
-                )
+                if client_ip is not None:
+                    transport, endpoint = await create_transparent_connection(
+                        loop, lambda: Endpoint("backend", settings.buffer_size), ip, port, client_ip
+                    )
+                else:
+                    transport, endpoint = await loop.create_connection(
+                        lambda: Endpoint("backend", settings.buffer_size),
+                        ip,
+                        port,
+                        local_addr=self._local_addr,
+                    )
             finally:
                 timer.stop()
         except asyncio.CancelledError:
@@ -342,7 +359,11 @@ class Dialer:
                 endpoint.abort()
                 attempts.append(Attempt(backend.name, address, refused, time.monotonic() - started))
                 return None, refused
-        attempts.append(Attempt(backend.name, address, OUTCOME_OK, time.monotonic() - started))
+        attempts.append(
+            Attempt(
+                backend.name, address, OUTCOME_OK, time.monotonic() - started, client_ip is not None
+            )
+        )
         configure_socket(transport.get_extra_info("socket"), self.socket_options)
         sockname = transport.get_extra_info("sockname")
         local = format_hostport(str(sockname[0]), int(sockname[1])) if sockname else "?"
