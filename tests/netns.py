@@ -91,9 +91,9 @@ class Namespace:
     def sh(self, script: str) -> None:
         """Each line of ``script`` as a command inside (comments and blanks skipped)."""
         for line in script.splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                self.run(*line.split())
+            command = line.split("#", 1)[0].split()
+            if command:
+                self.run(*command)
 
     def sysctl(self, key: str, value: str) -> None:
         # /proc/sys/net is per namespace: written from inside, it is this one's.
@@ -139,6 +139,9 @@ class Namespace:
         sock.connect(address)
         return sock
 
+    def link_ready(self, device: str) -> bool:
+        return " state UP " in self.ip("link", "show", device)
+
     def pids(self) -> list[int]:
         return [int(pid) for pid in run("ip", "netns", "pids", self.name).stdout.split()]
 
@@ -163,6 +166,11 @@ class Lab:
         run("ip", "netns", "add", namespace.name)
         self.namespaces.append(namespace)
         namespace.ip("link", "set", "lo", "up")
+        # No duplicate address detection on the links to come: until it has passed, a
+        # link has no usable link-local address, and IPv6 neighbour discovery for a
+        # packet from a non-local (transparent) source waits for one.
+        namespace.sysctl("net.ipv6.conf.default.accept_dad", "0")
+        namespace.sysctl("net.ipv6.conf.all.accept_dad", "0")
         return namespace
 
     def link(self, a: Namespace, a_name: str, b: Namespace, b_name: str) -> None:
@@ -170,6 +178,13 @@ class Lab:
         a.ip("link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", b.name)
         a.ip("link", "set", a_name, "up")
         b.ip("link", "set", b_name, "up")
+        # Until the kernel's link watcher has run (up to a second), a new link drops what
+        # it is given to send: wait for it to say the link is up at both ends.
+        deadline = time.monotonic() + 5
+        while not (a.link_ready(a_name) and b.link_ready(b_name)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{a_name}-{b_name} did not come up")
+            time.sleep(0.02)
 
     def close(self) -> None:
         for sock in self.sockets:
