@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +44,7 @@ from tcpfwd.config import ConfigError, parse_config, quick_config
 from tcpfwd.transparent import (
     CAP_NET_ADMIN,
     IP_TRANSPARENT,
+    IPV6_TRANSPARENT,
     TransparentBindError,
     effective_capabilities,
     transparent_socket,
@@ -222,13 +225,16 @@ def lab() -> Iterator[Lab]:
         yield made
 
 
-def start(net: Net, tmp_path: Path, service: str, *, log_format: str = "text") -> Tcpfwd:
-    """tcpfwd on the tcpfwd host with one service ``net`` listens for (TOML body)."""
-    config = write_config(
-        tmp_path,
-        f'[global]\nlog_format = "{log_format}"\n\n[services.s]\n'
-        f'listen = "{net.listen}"\n' + service,
+def config_text(net: Net, service: str, *, log_format: str = "text", workers: int = 1) -> str:
+    return (
+        f'[global]\nlog_format = "{log_format}"\nworkers = {workers}\n\n'
+        f'[services.s]\nlisten = "{net.listen}"\n{service}'
     )
+
+
+def start(net: Net, tmp_path: Path, service: str, **settings: Any) -> Tcpfwd:
+    """tcpfwd on the tcpfwd host with one service ``net`` listens for (TOML body)."""
+    config = write_config(tmp_path, config_text(net, service, **settings))
     return Tcpfwd(["run", "--config", config], prefix=net.host.prefix)
 
 
@@ -255,7 +261,7 @@ def test_backend_sees_the_client_address_and_a_port_of_the_tcpfwd_host(
             words = sock.makefile("rb").readline().split()
             seen_ip, seen_port = words[2].decode(), int(words[3])
             # While it is open, the tcpfwd host shows it from the client's address.
-            sockets = net.host.run("ss", "-tnH", "state", "established").stdout
+            sockets = net.host.run("ss", "-tnp").stdout
         (record,) = proxy.access_records(1)
     finally:
         proxy.kill()
@@ -264,7 +270,10 @@ def test_backend_sees_the_client_address_and_a_port_of_the_tcpfwd_host(
     assert in_range(seen_port, HOST_PORTS), seen_port
     assert in_range(client_port, CLIENT_PORTS)
     own = hostport(net.client_ip, seen_port)
-    assert f"{own} " in sockets and net.backend_at(BACKEND_PORT) in sockets, sockets
+    (line,) = [line for line in sockets.splitlines() if f" {own} " in line]
+    assert line.startswith("ESTAB"), line
+    assert f" {net.backend_at(BACKEND_PORT)} " in line, line
+    assert f"pid={proxy.pid}," in line, line
     assert record["client"] == hostport(net.client_ip, client_port)
     assert record["local"] == own
     assert record["transparent"] == "1"
@@ -402,6 +411,80 @@ def test_unroutable_client_address_fails_the_attempt_within_the_connect_timeout(
     assert server.peers == []
 
 
+def test_transparent_sessions_in_every_worker(lab, tmp_path):
+    net = build(lab, "ipv4")
+    server = PeerReporter(net.backend, net.backend_ip)
+    backends = f'backends = ["{net.backend_at(BACKEND_PORT)}"]\ntransparent = true\n'
+    proxy = start(net, tmp_path, backends, workers=2)
+    try:
+        seen = [ask_who(net) for _ in range(20)]
+        records = proxy.access_records(20)
+    finally:
+        proxy.kill()
+        server.close()
+    assert {ip for ip, _port in seen} == {net.client_ip}
+    assert all(record["transparent"] == "1" for record in records)
+    # Session ids start with their worker's own prefix: both workers served some.
+    assert len({record["session"].split("-")[0] for record in records}) == 2
+
+
+def test_reload_turns_transparent_mode_on(lab, tmp_path):
+    net = build(lab, "ipv4")
+    server = PeerReporter(net.backend, net.backend_ip)
+    backends = f'backends = ["{net.backend_at(BACKEND_PORT)}"]\n'
+    proxy = start(net, tmp_path, backends)
+    try:
+        before = ask_who(net)
+        (tmp_path / "tcpfwd.toml").write_text(config_text(net, backends + "transparent = true\n"))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_event("reloaded")
+        after = ask_who(net)
+    finally:
+        proxy.kill()
+        server.close()
+    assert before[0] == net.ip(2, 1)
+    assert after[0] == net.client_ip
+
+
+def _root_namespace_state() -> list[str]:
+    commands = [
+        ["ip", "-o", "link", "show"],
+        ["ip", "rule", "show"],
+        ["ip", "-6", "rule", "show"],
+        ["iptables", "-t", "mangle", "-S"],
+        ["ip6tables", "-t", "mangle", "-S"],
+    ]
+    return [netns.run(*command).stdout for command in commands]
+
+
+def _fail_inside(made: Lab, inside: dict[str, Any]) -> None:
+    """Fill a lab with namespaces, a link, rules, a socket and a process; then fail."""
+    with made:
+        first, second = made.namespace("p"), made.namespace("q")
+        made.link(first, "p0", second, "q0")
+        first.sh(recipe("ipv4"))
+        inside["socket"] = first.socket()
+        inside["process"] = subprocess.Popen([*first.prefix, "sleep", "60"])
+        inside["names"] = [first.name, second.name]
+        assert all((netns.NETNS_DIR / name).exists() for name in inside["names"])
+        raise RuntimeError("the test failed")
+
+
+def test_lab_removes_everything_it_made_when_the_test_fails():
+    netns.require()
+    before = _root_namespace_state()
+    made, inside = Lab(), {}
+    with pytest.raises(RuntimeError, match="the test failed"):
+        _fail_inside(made, inside)
+    assert inside["process"].wait(10) == -signal.SIGKILL
+    assert inside["socket"].fileno() == -1
+    assert not any((netns.NETNS_DIR / name).exists() for name in inside["names"])
+    listed = [line.split()[0] for line in netns.run("ip", "netns", "list").stdout.splitlines()]
+    assert not set(listed) & set(inside["names"])
+    # Links, rules and iptables rules lived inside the namespaces: nothing reached ours.
+    assert _root_namespace_state() == before
+
+
 # --- failures of our own bind -------------------------------------------------------------
 
 
@@ -460,7 +543,7 @@ def test_transparent_socket_is_non_blocking_and_bound_to_the_client_address(lab)
         # The port is the kernel's choice at connect time.
         assert sock.getsockname()[:2] == (client, 0)
         level = socket.IPPROTO_IP if family == socket.AF_INET else socket.IPPROTO_IPV6
-        option = IP_TRANSPARENT if family == socket.AF_INET else 75
+        option = IP_TRANSPARENT if family == socket.AF_INET else IPV6_TRANSPARENT
         assert sock.getsockopt(level, option) == 1
 
 
@@ -529,7 +612,7 @@ def test_reload_that_turns_transparent_on_without_the_capability_is_rejected(tmp
         proxy = Tcpfwd(["run", "--config", str(path)], prefix=_without_capability())
         try:
             path.write_text(path.read_text() + "transparent = true\n")
-            proxy.signal(1)  # SIGHUP
+            proxy.signal(signal.SIGHUP)
             proxy.wait_for_event(
                 "reload rejected: transparent mode (service s) needs CAP_NET_ADMIN"
             )
