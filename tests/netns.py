@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import os
 import shutil
@@ -41,13 +42,19 @@ _counter = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+@functools.cache
 def unavailable() -> str | None:
-    """Why namespace tests cannot run here, or None."""
+    """Why namespace tests cannot run here, or None (found out once per process)."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    for tool in ("ip", "iptables", "ip6tables"):
+    for tool in ("ip", "iptables", "ip6tables", "sysctl", "ss"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (.ci/setup.sh installs it)"
+    probe = f"tf{os.getpid()}probe"
+    made = run("ip", "netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"ip netns is not available here: {made.stderr.strip()}"
+    run("ip", "netns", "delete", probe, check=False)
     return None
 
 

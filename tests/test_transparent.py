@@ -38,7 +38,15 @@ import pytest
 import netns
 from netns import Lab, Namespace
 from peers import postfix
-from support import Tcpfwd, echo_server, failed_attempts, recv_all, split_hostport, write_config
+from support import (
+    Tcpfwd,
+    echo_server,
+    failed_attempts,
+    recv_all,
+    run_command,
+    split_hostport,
+    write_config,
+)
 from tcpfwd.cli import _quick_config, _quick_parser
 from tcpfwd.config import ConfigError, parse_config, quick_config
 from tcpfwd.transparent import (
@@ -744,3 +752,19 @@ def test_access_line_json_says_false_when_not_transparent(run_tcpfwd):
             assert recv_all(sock) == b"x"
         (line,) = proxy.wait_for_access(1)
     assert json.loads(line)["transparent"] is False
+
+
+def test_start_as_root_switching_to_global_user_says_the_capability_is_dropped(tmp_path):
+    _root_only()
+    config = write_config(
+        tmp_path,
+        '[global]\nuser = "nobody"\n'
+        '[services.s]\nlisten = "127.0.0.1:0"\nbackends = ["127.0.0.1:9"]\ntransparent = true\n',
+    )
+    checked = run_command("check", "--config", config)
+    assert "switching to global.user drops it" in checked.stdout
+    started = run_command("run", "--config", config)
+    assert started.returncode == 1
+    (line,) = started.stderr.splitlines()
+    assert line.startswith("tcpfwd: transparent mode (service s) needs CAP_NET_ADMIN")
+    assert "run tcpfwd as root without global.user" in line

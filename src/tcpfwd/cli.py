@@ -294,6 +294,8 @@ def _note_capabilities(config: Config) -> None:
     services = transparent_services(config)
     if services:
         have = "has it" if has_transparent_capability() else "does not have it"
+        if config.user is not None and os.geteuid() == 0:
+            have += ", but switching to global.user drops it"
         print(
             f"{config.source}: transparent mode (service{'s' * (len(services) > 1)} "
             f"{', '.join(services)}) needs CAP_NET_ADMIN when it runs (this process {have}); "
