@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -39,13 +39,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def is_listening(port: int) -> bool:
+def is_listening(port: int, pid: int | str = "self") -> bool:
     """Whether a TCP socket listens on ``port``, found without connecting to it.
 
     Connecting would not do: to a sender peer (HAProxy ``send-proxy``) a probe is a
-    client, which it would relay to the tcpfwd under test.
+    client, which it would relay to the tcpfwd under test. The sockets looked at are
+    those of process ``pid``'s network namespace.
     """
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as lines:
             next(lines)
             for line in lines:
@@ -159,7 +160,7 @@ class PeerProcess:
                 raise AssertionError(
                     f"{self.name} exited with {self.process.returncode}:\n" + "\n".join(self.lines)
                 )
-            return is_listening(port)
+            return is_listening(port, self.process.pid)
 
         wait_until(listening, PEER_START_TIMEOUT, f"{self.name} to listen on port {port}")
 
@@ -281,14 +282,21 @@ flush     unix  n       -       n       1000?   0       flush
 
 @contextlib.contextmanager
 def postfix(
-    tmp_path: Path, services: str, main_cf: str = "", *, ports: tuple[int, ...]
+    tmp_path: Path,
+    services: str,
+    main_cf: str = "",
+    *,
+    ports: tuple[int, ...],
+    prefix: Sequence[str] = (),
 ) -> Iterator[Postfix]:
     """Postfix's ``master`` in the foreground with a private configuration directory.
 
     ``services`` are extra master.cf lines (the smtpd listeners under test); ``ports``
-    are the TCP ports they listen on, awaited before the block runs. The instance logs
-    to ``maillog`` through postlogd (``maillog_file``, Postfix 3.4+), so no syslog is
-    needed. ``master`` needs root, as Postfix always does.
+    are the TCP ports they listen on, awaited before the block runs. ``main_cf`` lines
+    replace the defaults below of the same name. The instance logs to ``maillog``
+    through postlogd (``maillog_file``, Postfix 3.4+), so no syslog is needed.
+    ``master`` needs root, as Postfix always does. ``prefix`` goes before its command
+    (e.g. ``ip netns exec NAME``).
     """
     require_binary("postfix")
     master = require_binary("master", str(POSTFIX_DAEMONS / "master"))
@@ -303,7 +311,7 @@ def postfix(
     for directory in (conf, queue, data):
         directory.mkdir(parents=True)
     shutil.chown(data, user="postfix")
-    (conf / "main.cf").write_text(
+    defaults = (
         "compatibility_level = 3.6\n"
         f"queue_directory = {queue}\n"
         f"data_directory = {data}\n"
@@ -319,13 +327,16 @@ def postfix(
         "alias_database =\n"
         "local_recipient_maps =\n"
         "smtp_tls_security_level = none\n"
-        "smtpd_tls_security_level = none\n" + main_cf
+        "smtpd_tls_security_level = none\n"
     )
+    replaced = {line.split("=", 1)[0].strip() for line in main_cf.splitlines() if "=" in line}
+    kept = [line for line in defaults.splitlines() if line.split("=", 1)[0].strip() not in replaced]
+    (conf / "main.cf").write_text("\n".join(kept) + "\n" + main_cf)
     (conf / "master.cf").write_text(_POSTFIX_MASTER_CF + services)
     # "postfix check" creates the queue directories with the owners master expects.
     subprocess.run(["postfix", "-c", str(conf), "check"], check=True, timeout=60)
     _become_subreaper()
-    peer = Postfix(root, [master, "-s", "-c", str(conf)])
+    peer = Postfix(root, [*prefix, master, "-s", "-c", str(conf)])
     try:
         for port in ports:
             peer.wait_for_port(port)

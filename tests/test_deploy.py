@@ -85,3 +85,17 @@ def test_kubernetes_manifests_parse_and_probe_the_admin_endpoint(tmp_path):
     (configmap,) = (d for d in documents if d["kind"] == "ConfigMap")
     result = tcpfwd_check(configmap["data"]["tcpfwd.toml"], tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_systemd_service_shows_the_transparent_mode_capabilities_as_an_option():
+    """Commented out, ready to swap in: both lines, since the bounding set would
+    otherwise take CAP_NET_ADMIN away again."""
+    text = (DEPLOY / "systemd" / "tcpfwd.service").read_text()
+    options = [line[1:] for line in text.splitlines() if line.startswith("#") and "=" in line]
+    wanted = "CAP_NET_ADMIN CAP_NET_BIND_SERVICE"
+    assert f"AmbientCapabilities={wanted}" in options
+    assert f"CapabilityBoundingSet={wanted}" in options
+    service = unit(DEPLOY / "systemd" / "tcpfwd.service")["Service"]
+    # Hardening that would defeat it must stay out of the unit.
+    assert "PrivateNetwork" not in service
+    assert "AF_INET" in service["RestrictAddressFamilies"].split()

@@ -62,6 +62,8 @@ class SessionRecord:
     end: str = ""
     # The peer that connected, when a trusted PROXY header named another client.
     via: str | None = None
+    # The backend was reached from the client's own address (transparent mode).
+    transparent: bool = False
 
     @property
     def attempts(self) -> list[AttemptResult]:
@@ -122,6 +124,7 @@ def format_text(record: SessionRecord) -> str:
         f" client={record.client} via={record.via or '-'} listener={record.listener}"
         f" service={record.service} backend={record.backend or '-'}"
         f" backend_addr={record.backend_address or '-'} local={record.local_address or '-'}"
+        f" transparent={1 if record.transparent else 0}"
         f" failed={tried} connect={connect} held={held}"
         f" from_client={record.from_client} from_backend={record.from_backend}"
         f" relay={record.relay or '-'} duration={record.duration:.3f}s end={record.end}"
@@ -139,6 +142,7 @@ def format_json(record: SessionRecord) -> str:
         "backend": record.backend,
         "backend_address": record.backend_address,
         "local_address": record.local_address,
+        "transparent": record.transparent,
         "attempts": [
             {
                 "backend": a.backend,

@@ -29,6 +29,7 @@ from .ctl import ControlError, backend_action, resolve_endpoint, show_status
 from .listener import ListenError
 from .localcheck import check_local
 from .server import configure_logging_for, run
+from .transparent import has_transparent_capability, transparent_services
 
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
@@ -81,6 +82,12 @@ def _quick_parser() -> argparse.ArgumentParser:
         "--idle-timeout", metavar="DURATION", help="close idle sessions (default off)"
     )
     parser.add_argument("--source-address", metavar="IP", help="local address towards backends")
+    parser.add_argument(
+        "--transparent",
+        action="store_true",
+        help="connect to backends from the client's own address (needs CAP_NET_ADMIN and "
+        "routing for the replies: see docs/transparent.md)",
+    )
     parser.add_argument("--policy", choices=POLICIES, help="order of attempts (default failover)")
     parser.add_argument(
         "--greeting",
@@ -242,6 +249,8 @@ def _quick_config(args: argparse.Namespace) -> Config:
         health["passive"] = False
     if health:
         settings["health"] = health
+    if args.transparent:
+        settings["transparent"] = True
     if args.no_keepalive:
         settings["keepalive"] = False
     if args.no_nodelay:
@@ -282,6 +291,20 @@ def _describe(config: Config) -> str:
     return f"{len(config.services)} services, {listeners} listen addresses, {backends} backends"
 
 
+def _note_capabilities(config: Config) -> None:
+    """What running ``config`` needs beyond binding its ports, said where it is checked."""
+    services = transparent_services(config)
+    if services:
+        have = "has it" if has_transparent_capability() else "does not have it"
+        if config.user is not None and os.geteuid() == 0:
+            have += ", but switching to global.user drops it"
+        print(
+            f"{config.source}: transparent mode (service{'s' * (len(services) > 1)} "
+            f"{', '.join(services)}) needs CAP_NET_ADMIN when it runs (this process {have}); "
+            "replies need routing back through this host: see docs/transparent.md"
+        )
+
+
 def _signal_reload(config: Config) -> int:
     if not config.pid_file:
         print(
@@ -320,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = check_local(load_config(args.config))
             if command == "check":
                 print(f"{config.source}: OK ({_describe(config)})")
+                _note_capabilities(config)
                 return EXIT_OK
             if command == "reload":
                 return _signal_reload(config)

@@ -503,6 +503,8 @@ class BackendConfig:
     health: HealthSettings = field(default_factory=HealthSettings)
     # The service's send_proxy unless the backend's table sets its own (or "off").
     send_proxy: SendProxySettings | None = None
+    # Connect from the client's address (IP_TRANSPARENT); the service's unless set here.
+    transparent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,6 +552,9 @@ class ServiceSettings:
     trusted_sources: tuple[IPNetwork, ...] = ()
     # How long a client may take to send its whole header.
     proxy_header_timeout: float = 3.0
+    # Connect to backends from the client's address (needs CAP_NET_ADMIN); health
+    # checks still use tcpfwd's own (source_address, if set).
+    transparent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,6 +629,7 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "accept_proxy": _accept_proxy,
     "trusted_sources": _networks,
     "proxy_header_timeout": _positive_duration,
+    "transparent": _boolean,
 }
 # Settings that are tables (or a word standing for one), read by functions of their own.
 _TABLE_SETTINGS = ("health", "greeting", "send_proxy")
@@ -827,12 +833,16 @@ def _read_backend(
     value: object,
     health: HealthSettings,
     send_proxy: SendProxySettings | None,
+    *,
+    transparent: bool = False,
 ) -> BackendConfig | None:
     if isinstance(value, str):
         address = table.parse_at(path, value, parse_address, None)
         if address is None:
             return None
-        return BackendConfig(str(address), address, health=health, send_proxy=send_proxy)
+        return BackendConfig(
+            str(address), address, health=health, send_proxy=send_proxy, transparent=transparent
+        )
     if not isinstance(value, dict):
         table.issues.append(
             ConfigIssue(path, f"expected 'host:port' or a table, got {_kind(value)}")
@@ -850,11 +860,19 @@ def _read_backend(
     max_connections = entry.take("max_connections", _int_between(1, 10_000_000), None)
     backend_health = _read_health(entry, health)
     backend_send_proxy = _read_send_proxy(entry, send_proxy)
+    backend_transparent = entry.take("transparent", _boolean, transparent)
     entry.reject_unknown()
     if address is None:
         return None
     return BackendConfig(
-        name, address, tier, weight, max_connections, backend_health, backend_send_proxy
+        name,
+        address,
+        tier,
+        weight,
+        max_connections,
+        backend_health,
+        backend_send_proxy,
+        backend_transparent,
     )
 
 
@@ -903,7 +921,14 @@ def _read_service(name: str, table: _Table, defaults: ServiceSettings) -> Servic
     raw_backends = _read_list(table, "backends")
     for i, value in enumerate(raw_backends):
         path = f"{table.key_path('backends')}[{i}]"
-        backend = _read_backend(table, path, value, settings.health, settings.send_proxy)
+        backend = _read_backend(
+            table,
+            path,
+            value,
+            settings.health,
+            settings.send_proxy,
+            transparent=settings.transparent,
+        )
         if backend is None:
             continue
         if any(b.name == backend.name for b in backends):

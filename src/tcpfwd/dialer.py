@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import re
 import socket
 import time
@@ -33,9 +34,12 @@ from typing import TYPE_CHECKING, Final, Protocol
 from .config import SendProxySettings, format_hostport
 from .reactor import ERR, HUP, IN, RDHUP, RawSocket, Reactor, shared_address
 from .relay import BACKEND_EVENTS
+from .transparent import OUTCOME_TRANSPARENT_BIND, TransparentBindError, transparent_socket
 
 if TYPE_CHECKING:
     from .service import ServiceRuntime, Target
+
+log = logging.getLogger("tcpfwd")
 
 OUTCOME_OK: Final = "ok"
 OUTCOME_REFUSED: Final = "refused"
@@ -51,6 +55,9 @@ OUTCOME_GREETING_RESET: Final = "greeting_reset"
 OUTCOME_GREETING_TOO_LONG: Final = "greeting_too_long"
 # Followed by ":" and the greeting's first word, e.g. "greeting_mismatch:421".
 OUTCOME_GREETING_MISMATCH: Final = "greeting_mismatch"
+# Outcomes that say nothing about the backend's health: the failover deadline cut the
+# attempt short, or our own socket could not be bound to the client's address.
+_NOT_THE_BACKENDS: Final = frozenset({OUTCOME_FAILOVER_TIMEOUT, OUTCOME_TRANSPARENT_BIND})
 
 # A greeting's first line must end within this many bytes.
 MAX_GREETING_LINE: Final = 512
@@ -94,6 +101,8 @@ def describe_errno(code: int) -> str:
 
 def describe_failure(error: BaseException) -> str:
     """The same word for an exception (health checks, name resolution)."""
+    if isinstance(error, TransparentBindError):
+        return OUTCOME_TRANSPARENT_BIND
     if isinstance(error, TimeoutError):
         return OUTCOME_TIMEOUT
     if isinstance(error, socket.gaierror):
@@ -133,6 +142,10 @@ class DialOwner(Protocol):
     """What a dial asks of and tells its session."""
 
     service: ServiceRuntime
+
+    @property
+    def client(self) -> tuple[str, int]:
+        """The client: its address is the source of transparent connections."""
 
     def proxy_header(self, settings: SendProxySettings) -> bytes | None:
         """The header for a backend with ``send_proxy`` (None: no client to describe)."""
@@ -288,7 +301,7 @@ class Dial:
         self._addresses = None
         self._position += 1
         self.service.release(target)
-        if self._reason != OUTCOME_FAILOVER_TIMEOUT:
+        if self._reason not in _NOT_THE_BACKENDS:
             self.service.failed(target, self._reason)
 
     def _unresolved(self, target: Target, outcome: str, elapsed: float) -> None:
@@ -385,6 +398,7 @@ class Attempt:
         "started",
         "state",
         "target",
+        "transparent",
     )
 
     def __init__(self, dial: Dial, target: Target, remote: tuple[str, int]) -> None:
@@ -402,6 +416,8 @@ class Attempt:
         self.local: tuple[str, int] | None = None
         # The connection had bytes to read when it was joined (its event came already).
         self.readable = False
+        # Made from the client's address (transparent mode).
+        self.transparent = False
         self.started = 0.0
         # When the step under way (connect, greeting) times out, and whether the
         # session has been told it is slow.
@@ -422,10 +438,17 @@ class Attempt:
             if budget < MIN_ATTEMPT_TIME:
                 return self._failed_at_once(OUTCOME_FAILOVER_TIMEOUT)
         remote = self.remote
+        family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
         try:
-            sock = RawSocket(
-                socket.AF_INET6 if ":" in remote[0] else socket.AF_INET, _NONBLOCKING_STREAM
-            )
+            if self.target.config.transparent:
+                # From the client's own address (the one a PROXY header named, if any).
+                sock: RawSocket = transparent_socket(family, dial.owner.client[0])
+                self.transparent = True
+            else:
+                sock = RawSocket(family, _NONBLOCKING_STREAM)
+        except TransparentBindError as error:
+            log.debug("transparent bind for %s failed: %s", self.address, error)
+            return self._failed_at_once(OUTCOME_TRANSPARENT_BIND)
         except OSError as error:
             code = error.errno or 0
             if code in SHORTAGE_ERRORS:

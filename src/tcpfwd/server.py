@@ -58,6 +58,7 @@ from .splice import (
     splice_available,
 )
 from .systemd import Notifier, inherited_sockets
+from .transparent import capability_problem
 
 # Imported up front, not when the loop is made: after dropping privileges the
 # interpreter's own files may no longer be readable.
@@ -401,6 +402,10 @@ class Server:
             log.error(
                 "reload rejected (%d errors); the running configuration is kept", len(error.issues)
             )
+            return False
+        problem = capability_problem(config)
+        if problem is not None:
+            log.error("reload rejected: %s; the running configuration is kept", problem)
             return False
         try:
             opened = self._bind_new(config, set(self.listeners))
@@ -765,6 +770,17 @@ def write_pid_file(path: str | None) -> None:
         raise ListenError(f"cannot write pid file {path}: {error.strerror}") from None
 
 
+def require_capabilities(config: Config) -> None:
+    """ListenError if ``config`` needs a capability this process lacks.
+
+    Called once privileges are dropped, since switching user drops capabilities too:
+    a missing one is one clear line at start, not a failure of every connection.
+    """
+    problem = capability_problem(config)
+    if problem is not None:
+        raise ListenError(problem)
+
+
 def run(config: Config, *, reload_config: Callable[[], Config] | None = None) -> None:
     """Bind, drop privileges, serve until stopped; ListenError escapes before serving."""
     server = Server(config, reload_config=reload_config)
@@ -774,6 +790,7 @@ def run(config: Config, *, reload_config: Callable[[], Config] | None = None) ->
     write_pid_file(pid_file)
     drop_privileges(config.user, config.group)
     try:
+        require_capabilities(config)
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(server.serve())
     finally:

@@ -524,6 +524,7 @@ class Session(Relay):
             elapsed,
             end,
             via,
+            target.config.transparent,
         )
 
 

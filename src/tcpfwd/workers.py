@@ -63,10 +63,12 @@ from .server import (
     drop_privileges,
     listen_key,
     new_event_loop,
+    require_capabilities,
     write_pid_file,
 )
 from .service import ADMIN_ENABLED, BackendView
 from .systemd import Notifier, inherited_sockets
+from .transparent import capability_problem
 
 log = logging.getLogger("tcpfwd")
 
@@ -591,6 +593,10 @@ class Supervisor:
                 len(error.issues),
             )
             return False
+        problem = capability_problem(config)
+        if problem is not None:
+            log.error("reload rejected: %s; the workers keep the running configuration", problem)
+            return False
         try:
             opened = self._bind_new(config)
         except ListenError as error:
@@ -897,6 +903,7 @@ def supervise(
         write_pid_file(pid_file)
         try:
             drop_privileges(config.user, config.group)
+            require_capabilities(config)
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
                 runner.run(supervisor.serve())
         finally:
