@@ -501,6 +501,8 @@ class Server:
                     "name": view.name,
                     "address": view.address,
                     "health": "up" if view.up else "down",
+                    # An attempt to it is overdue: new sessions try it after the others.
+                    "suspect": view.suspect,
                     "admin_state": view.admin_state,
                     "active": view.active,
                     "sessions_total": backend_stats.sessions,

@@ -726,12 +726,19 @@ class Supervisor:
         return merged
 
     def _health(self, snapshots: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-        """Backend entries of the status, from the lowest worker (0 runs the checks)."""
+        """Backend entries of the status, from the lowest worker (0 runs the checks);
+        suspect where any worker finds it so (each dials on its own)."""
         entries: dict[tuple[str, str], dict[str, Any]] = {}
+        suspects: set[tuple[str, str]] = set()
         for snapshot in sorted(snapshots, key=lambda s: int(s["index"]), reverse=True):
             for service in snapshot["status"]["services"]:
                 for backend in service["backends"]:
-                    entries[(service["name"], backend["name"])] = backend
+                    key = (service["name"], backend["name"])
+                    entries[key] = dict(backend)
+                    if backend.get("suspect"):
+                        suspects.add(key)
+        for key in suspects:
+            entries[key]["suspect"] = True
         return entries
 
     def service_views(self) -> list[_ServiceView]:
@@ -748,6 +755,7 @@ class Supervisor:
                     up=health.get((service.name, b.name), {}).get("health", "up") == "up",
                     admin_state=self.admin_states.get((service.name, b.name), ADMIN_ENABLED),
                     active=stats.backend(b.name).active,
+                    suspect=bool(health.get((service.name, b.name), {}).get("suspect")),
                 )
                 for b in service.backends
             ]
