@@ -183,25 +183,27 @@ class Dial:
     beside it (hedged attempts). The first to answer wins; of two that answer together,
     the earlier in the order. An attempt that loses is closed before any byte of the
     client reaches it; one still trying goes on, detached, until it answers or fails,
-    so that its outcome still tells passive health whether that backend is there."""
+    so that its outcome still tells passive health whether that backend is there.
 
-    __slots__ = (
-        "_addresses",
-        "_attempt",
-        "_next_address",
-        "_pause",
-        "_position",
-        "_racing",
-        "_ready",
-        "_reason",
-        "_resolving",
-        "deadline",
-        "over",
-        "owner",
-        "plan",
-        "reactor",
-        "service",
-    )
+    A dial lives for a moment per connection: what most dials never change is a class
+    attribute, overridden where it changes.
+    """
+
+    # Where in the plan, and the addresses of the backend being tried (its place is
+    # held while they are set).
+    _position = 0
+    _addresses: Sequence[tuple[str, int]] | None = None
+    _next_address = 0
+    _reason = OUTCOME_FAILOVER_TIMEOUT
+    # The newest attempt, and the older ones a hedge overtook, still trying.
+    _attempt: Attempt | None = None
+    _racing: list[Attempt] | None = None
+    # Attempts that answered in this batch of events, while others raced them.
+    _ready: list[Attempt] | None = None
+    _resolving: asyncio.Task[None] | None = None
+    _pause = SHORTAGE_PAUSE
+    # Connected, failed or cancelled: the session has been told.
+    over = False
 
     def __init__(
         self, owner: DialOwner, plan: Sequence[Target], reactor: Reactor, now: float
@@ -212,20 +214,6 @@ class Dial:
         self.reactor = reactor
         failover_timeout = service.settings.failover_timeout
         self.deadline = None if failover_timeout is None else now + failover_timeout
-        self._position = 0
-        # The addresses of the backend being tried (its place is held meanwhile).
-        self._addresses: Sequence[tuple[str, int]] | None = None
-        self._next_address = 0
-        self._reason = OUTCOME_FAILOVER_TIMEOUT
-        # The newest attempt, and the older ones a hedge overtook, still trying.
-        self._attempt: Attempt | None = None
-        self._racing: list[Attempt] | None = None
-        # Attempts that answered in this batch of events, while others raced them.
-        self._ready: list[Attempt] | None = None
-        self._resolving: asyncio.Task[None] | None = None
-        self._pause = SHORTAGE_PAUSE
-        # Connected, failed or cancelled: the session has been told.
-        self.over = False
 
     def start(self) -> None:
         """The first attempt. The usual one (an IP literal, no limit of connections to
@@ -574,32 +562,36 @@ _SHORTAGE_WORDS: Final = frozenset(describe_errno(code) for code in SHORTAGE_ERR
 
 
 class Attempt:
-    """One connection to one address of one backend, until it is joined or fails."""
+    """One connection to one address of one backend, until it is joined or fails.
 
-    __slots__ = (
-        "address",
-        "cut",
-        "deadline",
-        "detached",
-        "dial",
-        "extra",
-        "fd",
-        "greeting",
-        "header_sent",
-        "hedge",
-        "hedge_at",
-        "local",
-        "overdue",
-        "rank",
-        "readable",
-        "remote",
-        "slow",
-        "sock",
-        "started",
-        "state",
-        "target",
-        "transparent",
-    )
+    An attempt lives for a moment, once or more per connection: its many flags are
+    class attributes that an instance overrides only when one changes, rather than
+    slots that every attempt would set.
+    """
+
+    state = _CONNECTING
+    # What the backend sent before it was joined (its greeting): the client's first.
+    greeting = b""
+    sock: RawSocket | None = None
+    fd = -1
+    local: tuple[str, int] | None = None
+    # The connection had bytes to read when it was joined (its event came already).
+    readable = False
+    # Made from the client's address (transparent mode).
+    transparent = False
+    started = 0.0
+    # When the step under way (connect, greeting) times out, whether the failover
+    # deadline set that, and whether the session has been told the attempt is slow.
+    deadline = 0.0
+    cut = False
+    slow = False
+    # Overdue (no answer after the hedge delay), started as a hedge, lost and only
+    # telling health now, counted among the service's hedges in flight.
+    overdue = False
+    hedge = False
+    detached = False
+    extra = False
+    header_sent = False
 
     def __init__(self, dial: Dial, target: Target, remote: tuple[str, int], rank: int) -> None:
         self.dial = dial
@@ -610,31 +602,6 @@ class Attempt:
         self.address = (
             target.shown if target.literal is not None else format_hostport(remote[0], remote[1])
         )
-        self.state = _CONNECTING
-        # What the backend sent before it was joined (its greeting): the client's first.
-        self.greeting = b""
-        self.sock: RawSocket | None = None
-        self.fd = -1
-        self.local: tuple[str, int] | None = None
-        # The connection had bytes to read when it was joined (its event came already).
-        self.readable = False
-        # Made from the client's address (transparent mode).
-        self.transparent = False
-        self.started = 0.0
-        # When the step under way (connect, greeting) times out, and whether the
-        # session has been told it is slow.
-        self.deadline = 0.0
-        self.slow = False
-        self.cut = False
-        # When no answer makes it overdue (a hedge may start); whether it is, whether it
-        # was started as a hedge, and whether it lost and only tells health now.
-        self.hedge_at = 0.0
-        self.overdue = False
-        self.hedge = False
-        self.detached = False
-        # Counted among the service's hedges in flight (overtaken, or lost and trying).
-        self.extra = False
-        self.header_sent = False
 
     def start(self) -> str | None:
         """Connect; None while in progress, else why it failed at once (recorded)."""
@@ -692,7 +659,6 @@ class Attempt:
         reactor.register(fd, BACKEND_EVENTS)
         reactor.handlers[fd] = self
         self.deadline = started + budget
-        self.hedge_at = started + service.hedge_delay(self.target)
         reactor.tick(self)
         return None
 
@@ -809,8 +775,10 @@ class Attempt:
         if not self.slow and now - self.started >= SLOW_AFTER:
             self.slow = True
             self.dial.owner.dial_slow()
-        if not self.overdue and now >= self.hedge_at and self.dial.service.hedges:
-            self.dial.overdue(self)
+        if not self.overdue:
+            service = self.dial.service
+            if service.hedges and now - self.started >= service.hedge_delay(self.target):
+                self.dial.overdue(self)
 
     def on_failure(self, error: BaseException) -> None:
         if self.state != _OVER:
