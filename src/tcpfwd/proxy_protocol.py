@@ -55,8 +55,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-import google_crc32c
-
 __all__ = [
     "DEFAULT_MAX_V2_LENGTH",
     "MAX_V2_LENGTH",
@@ -300,6 +298,9 @@ class ProxyHeader:
 
 def crc32c(data: bytes) -> int:
     """CRC32C (Castagnoli, RFC 4960 appendix B) as the CRC32C TLV carries it."""
+    # Imported when first needed: most daemons never send or check a CRC32C TLV.
+    import google_crc32c  # noqa: PLC0415
+
     return int(google_crc32c.value(bytes(data)))
 
 
