@@ -16,9 +16,9 @@ import logging
 import logging.handlers
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TextIO, cast
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TextIO, cast
 
 ACCESS_LOGGER = "tcpfwd.access"
 EVENT_LOGGER = "tcpfwd"
@@ -42,7 +42,7 @@ class SessionRecord:
     listener: str
     service: str
     # The attempts that failed, in the order they were made.
-    failed: list[AttemptResult] = field(default_factory=list)
+    failed: Sequence[AttemptResult] = ()
     backend: str | None = None
     backend_address: str | None = None
     local_address: str | None = None
@@ -88,13 +88,33 @@ def _second_prefix(whole: int) -> str:
     return prefix
 
 
+# Formatting numbers with a precision costs a session line more than everything else in
+# it; the usual values are looked up instead: a timestamp's milliseconds, a connect time
+# under 100 ms in tenths of a millisecond, a duration under 10 s in milliseconds.
+_MILLIS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
+_TENTHS_OF_MS: Final = tuple(f"{tenths // 10}.{tenths % 10}ms" for tenths in range(1000))
+_SECONDS_3: Final = tuple(f"{ms // 1000}.{ms % 1000:03d}s" for ms in range(10_000))
+
+
 def format_timestamp(seconds: float) -> str:
     whole = int(seconds)
-    return f"{_second_prefix(whole)}.{int((seconds - whole) * 1000):03d}Z"
+    return _second_prefix(whole) + _MILLIS[int((seconds - whole) * 1000)]
 
 
 def _ms(seconds: float) -> str:
+    """Milliseconds to a tenth, as ``3.1ms``."""
+    tenths = int(seconds * 10_000 + 0.5)
+    if tenths < 1000:
+        return _TENTHS_OF_MS[tenths]
     return f"{seconds * 1000:.1f}ms"
+
+
+def _s(seconds: float) -> str:
+    """Seconds to a millisecond, as ``1.234s``."""
+    ms = int(seconds * 1000 + 0.5)
+    if ms < 10_000:
+        return _SECONDS_3[ms]
+    return f"{seconds:.3f}s"
 
 
 def _attempt_target(attempt: AttemptResult) -> str:
@@ -114,20 +134,20 @@ def format_text(record: SessionRecord) -> str:
         if record.attempts_omitted:
             tried += f",+{record.attempts_omitted}"
         tried = tried.lstrip(",") or "-"
-    connect = "-" if record.connect_time is None else f"{record.connect_time * 1000:.1f}ms"
-    held = "-" if record.held is None else f"{record.held:.3f}s"
+    connect = "-" if record.connect_time is None else _ms(record.connect_time)
+    held = "-" if record.held is None else _s(record.held)
     started = record.started
     whole = int(started)
     second = _SECONDS.get(whole) or _second_prefix(whole)
     return (
-        f"{second}.{int((started - whole) * 1000):03d}Z session={record.session}"
+        f"{second}{_MILLIS[int((started - whole) * 1000)]} session={record.session}"
         f" client={record.client} via={record.via or '-'} listener={record.listener}"
         f" service={record.service} backend={record.backend or '-'}"
         f" backend_addr={record.backend_address or '-'} local={record.local_address or '-'}"
         f" transparent={1 if record.transparent else 0}"
         f" failed={tried} connect={connect} held={held}"
         f" from_client={record.from_client} from_backend={record.from_backend}"
-        f" relay={record.relay or '-'} duration={record.duration:.3f}s end={record.end}"
+        f" relay={record.relay or '-'} duration={_s(record.duration)} end={record.end}"
     )
 
 

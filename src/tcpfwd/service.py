@@ -661,7 +661,7 @@ class ServiceRuntime:
             histogram.count += 1
             histogram.total += connect
 
-    def _note_failover(self, record: SessionRecord, failed: list[AttemptResult]) -> None:
+    def _note_failover(self, record: SessionRecord, failed: Sequence[AttemptResult]) -> None:
         self.daemon.recent_failovers.append(
             {
                 "time": format_timestamp(record.started),
