@@ -39,7 +39,8 @@ def test_a_peer_with_the_address_of_a_connection_of_ours_is_judged_on_more_than_
     # client on this host may come from the port a long-lived connection of ours to a
     # backend uses, and is not us.
     assert not own.is_loop(local, listener, 0.0)
-    # Unless ours has just connected and heard nothing: sent back by a box in the path.
+    # Unless ours is new and no socket here has those two addresses: sent back by a box
+    # in the path (nothing on this host connects from 127.0.0.1:40001 to the listener).
     fresh = Ours(("127.0.0.1", 26), new=True)
     own.add(local, fresh)
     assert own.is_loop(local, listener, 0.0)
@@ -47,6 +48,21 @@ def test_a_peer_with_the_address_of_a_connection_of_ours_is_judged_on_more_than_
     assert not own.is_loop(local, listener, 0.0)
     own.discard(local, settled)
     assert len(own) == 0
+
+
+async def test_a_client_on_this_host_that_shares_the_local_port_of_a_new_connection_of_ours_is_served():
+    # A real client socket from the very local address of a new connection of ours: its
+    # own socket, from that address to the listener, proves it is not ours.
+    listening = socket.create_server(("127.0.0.1", 0))
+    arrived_on = listening.getsockname()
+    client = socket.create_connection(arrived_on)
+    own = OwnConnections()
+    own.add(client.getsockname(), Ours(("127.0.0.1", 26), new=True))
+    try:
+        assert not own.is_loop(client.getsockname(), arrived_on, 0.0)
+    finally:
+        client.close()
+        listening.close()
 
 
 async def test_a_connection_of_ours_that_comes_back_to_us_is_turned_away():

@@ -45,6 +45,7 @@ from .policy import Candidate, PolicyName, Scheduler
 from .proxy_accept import END_UNTRUSTED, is_trusted
 from .relay import CHUNK
 from .resolver import Resolver, is_ip_literal
+from .sockdiag import socket_exists
 from .splice import RELAY_COPY, RELAY_SPLICE, PipePool, choose_relay
 
 if TYPE_CHECKING:
@@ -189,13 +190,13 @@ class OwnConnections:
 
     A connection accepted from one of these local addresses may be tcpfwd talking to
     itself: certainly so when it arrived on the very address that connection of ours
-    was made to (a backend that is one of our listeners), and so when that connection
-    of ours is new and silent (a box in the path, NAT or port forward, sent it back to
-    us: it arrives on another address than it was made to, while ours has just
-    connected and heard nothing). A local address alone would not say so: the kernel
-    gives one local port to several connections to different destinations, and a
-    client on this host may well come from a port that a long-lived connection of ours
-    to another host also uses.
+    was made to (a backend that is one of our listeners); and so when that connection
+    of ours is new and no socket on this host has the two addresses the arrival shows
+    (a box in the path, NAT or port forward, sent ours back: the kernel knows our
+    socket by the address it connected to). A local address alone would not say so:
+    the kernel gives one local port to several connections to different destinations,
+    and a client on this host may well come from a port that a connection of ours to
+    another host also uses; its own socket then has those two addresses.
     """
 
     __slots__ = ("by_local", "shared")
@@ -235,7 +236,14 @@ class OwnConnections:
         """Whether a connection from ``peer`` that arrived on ``arrived_on`` is ours."""
         shared = self.shared.get(peer)
         owners = shared if shared is not None else [self.by_local[peer]]
-        return any(o.remote == arrived_on or o.is_new(now) for o in owners)
+        if any(o.remote == arrived_on for o in owners):
+            return True
+        if not any(o.is_new(now) for o in owners):
+            return False
+        # A client on this host that happens to use the same local port has a socket
+        # of its own with these two addresses; ours, sent back by a box in the path,
+        # has the address it connected to before translation: no socket has these.
+        return socket_exists(peer, arrived_on) is False
 
     def __len__(self) -> int:
         return len(self.by_local) + sum(len(s) - 1 for s in self.shared.values())
