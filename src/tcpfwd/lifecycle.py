@@ -192,10 +192,8 @@ class Daemon(ABC, Generic[Opened]):
     def bind(self) -> None:
         """Open every listening socket, and the admin endpoint's, or none: ListenError."""
         self.inherited = Inherited.from_systemd()
-        try:
-            opened = self.bind_new(self.config)
-        finally:
-            self.inherited.close_unclaimed()
+        opened = self.bind_new(self.config)
+        self.inherited.close_unclaimed()
         admin = self.config.admin.listen
         if admin is not None and self.serve_admin:
             try:

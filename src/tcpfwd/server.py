@@ -279,17 +279,23 @@ class Server(Daemon[Opened]):
     def status_text(self) -> str:
         return f"{len(self.sessions)} live sessions, {len(self.services)} services"
 
+    def _joined(self) -> set[tuple[str, str]]:
+        """(service, backend) of every live session joined to a backend."""
+        return {(s.service.name, s.backend.name) for s in self.sessions if s.backend is not None}
+
     def overview(self) -> Overview:
-        # A backend with a live session was tried; its counters say so only once it ends.
-        joined = {(s.service.name, s.backend.name) for s in self.sessions if s.backend is not None}
+        joined: set[tuple[str, str]] | None = None
         services = []
         for runtime in self.services.values():
             backends = []
             for target in runtime.targets:
                 counted = target.stats
-                tried = bool(counted.sessions or counted.attempts) or (
-                    (runtime.name, target.name) in joined
-                )
+                tried = bool(counted.sessions or counted.attempts)
+                if not tried and counted.active:
+                    # Its first sessions are live (counted once they end) or still
+                    # connecting: tried only if one was joined to it. Rare enough to scan.
+                    joined = self._joined() if joined is None else joined
+                    tried = (runtime.name, target.name) in joined
                 backends.append(
                     BackendReading(
                         name=target.name,

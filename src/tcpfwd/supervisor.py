@@ -121,7 +121,12 @@ class Supervisor(Daemon[Opened]):
             listen = [(service, host, port, len(fds)) for service, host, port, fds in orders]
             descriptors = [fd for *_, fds in orders for fd in fds]
             worker.send({"op": "reload", "listen": listen}, descriptors)
-        log.info("reload of %s passed on to %d workers", config.source, self._live())
+        log.info(
+            "reload of %s passed on to %d workers: %s",
+            config.source,
+            self._live(),
+            diff.describe(),
+        )
 
     # --- workers -----------------------------------------------------------------------
 
