@@ -66,7 +66,10 @@ def test_hostname_backend_is_resolved_at_connect_time(run_tcpfwd):
 
 def test_connect_timeout_moves_on_to_the_next_backend(run_tcpfwd):
     with blackhole() as hole, echo_server(b"live\n") as live:
-        proxy = run_tcpfwd("127.0.0.1:0", hole, live.address, "--connect-timeout", "300ms")
+        # Strictly one attempt at a time: the timeout, not a hedge, moves on.
+        proxy = run_tcpfwd(
+            "127.0.0.1:0", hole, live.address, "--connect-timeout", "300ms", "--no-hedge"
+        )
         started = time.monotonic()
         assert exchange(proxy.address(), b"x") == b"live\nx"
         assert time.monotonic() - started >= 0.3
@@ -85,6 +88,7 @@ def test_failover_timeout_bounds_the_whole_sequence(run_tcpfwd):
             "400ms",
             "--failover-timeout",
             "600ms",
+            "--no-hedge",
         )
         with connect(proxy.address()) as client:
             assert recv_all(client) == b""

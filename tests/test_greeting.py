@@ -42,8 +42,10 @@ def test_only_the_live_backends_greeting_reaches_clients(run_tcpfwd):
             "--greeting-timeout",
             "300ms",
             "--no-passive-health",
+            "--no-hedge",
         )
-        # Without passive health every client meets all three bad backends first.
+        # Without passive health (and strictly one attempt at a time) every client meets
+        # all three bad backends first.
         for _ in range(5):
             with connect(proxy.address()) as client:
                 client.shutdown(socket.SHUT_WR)
@@ -91,6 +93,7 @@ def test_greeting_timeout_is_its_own_setting(run_tcpfwd, tmp_path):
             listen = "127.0.0.1:0"
             backends = ["{silent.address}", "{live.address}"]
             greeting = {{ expect = "^220 ", timeout = "200ms" }}
+            hedge = false
             """,
         )
         proxy = run_tcpfwd("run", "--config", config)

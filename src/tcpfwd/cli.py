@@ -106,6 +106,15 @@ def _quick_parser() -> argparse.ArgumentParser:
         help="keep a client waiting this long while no backend can be reached (default off)",
     )
     parser.add_argument(
+        "--hedge-delay",
+        metavar="DURATION",
+        help="try the next backend beside an attempt with no answer after this long "
+        "(default auto: from the backend's own answer times)",
+    )
+    parser.add_argument(
+        "--no-hedge", action="store_true", help="strictly one attempt at a time, in order"
+    )
+    parser.add_argument(
         "--check",
         choices=[kind for kind in CHECK_KINDS if kind != "send"],
         help="active health check of every backend (default none)",
@@ -231,6 +240,7 @@ def _quick_config(args: argparse.Namespace) -> Config:
         "source_address",
         "policy",
         "hold_timeout",
+        "hedge_delay",
         "dns_ttl",
     ):
         value = getattr(args, option)
@@ -253,6 +263,8 @@ def _quick_config(args: argparse.Namespace) -> Config:
         settings["health"] = health
     if args.transparent:
         settings["transparent"] = True
+    if args.no_hedge:
+        settings["hedge"] = False
     if args.no_keepalive:
         settings["keepalive"] = False
     if args.no_nodelay:

@@ -300,6 +300,16 @@ def _workers(value: object) -> int:
     return value
 
 
+def _hedge_delay(value: object) -> float | None:
+    """``"auto"`` (None: from the backend's own answer times) or a duration."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    seconds = parse_duration(value)
+    if seconds < MIN_TIMEOUT:
+        raise _Invalid(f"{value!r} is shorter than {_show_seconds(MIN_TIMEOUT)}; write 'auto'")
+    return seconds
+
+
 def _reserve(value: object) -> int | None:
     """Places kept for a service: ``"auto"`` (None) or a count (0: none)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
@@ -542,6 +552,11 @@ class ServiceSettings:
     greeting: GreetingSettings | None = None
     # Keep a client open while no backend can be reached, retrying; None: close at once.
     hold_timeout: float | None = None
+    # Hedged attempts: an attempt with no answer after the hedge delay has the next
+    # backend tried beside it. ``hedge_delay`` None: "auto", from the backend's own
+    # recent answer times.
+    hedge: bool = True
+    hedge_delay: float | None = None
     # How long a resolved backend name is reused; 0 resolves on every attempt.
     dns_ttl: float = 30.0
     # PROXY protocol out: a header to every backend (a backend may override it).
@@ -625,6 +640,8 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "reserved_connections": _reserve,
     "policy": _choice(POLICIES),
     "hold_timeout": _optional_duration,
+    "hedge": _boolean,
+    "hedge_delay": _hedge_delay,
     "dns_ttl": parse_duration,
     "accept_proxy": _accept_proxy,
     "trusted_sources": _networks,

@@ -55,6 +55,20 @@ OUTCOME_GREETING_RESET: Final = "greeting_reset"
 OUTCOME_GREETING_TOO_LONG: Final = "greeting_too_long"
 # Followed by ":" and the greeting's first word, e.g. "greeting_mismatch:421".
 OUTCOME_GREETING_MISMATCH: Final = "greeting_mismatch"
+# Overtaken by a hedge: another backend answered first (the access line's word).
+OUTCOME_OVERTAKEN: Final = "overtaken"
+
+# Hedges: the delay is this many times the backend's slowest answer of late (a decaying
+# maximum, about its recent p99), and never less than the floor, so that a backend that
+# is slow but there (far away) is not hedged on every connection.
+HEDGE_FACTOR: Final = 3.0
+HEDGE_FLOOR: Final = 0.1
+# The slowest answer of late forgets a little with each new answer.
+SLOWEST_DECAY: Final = 0.98
+# Hedges (and losers still trying) per service at once: an outage must not double the
+# load on the next backend's listen queue for long.
+MAX_HEDGES_IN_FLIGHT: Final = 64
+
 # Outcomes that say nothing about the backend's health: the failover deadline cut the
 # attempt short, or our own socket could not be bound to the client's address.
 _NOT_THE_BACKENDS: Final = frozenset({OUTCOME_FAILOVER_TIMEOUT, OUTCOME_TRANSPARENT_BIND})
@@ -164,7 +178,12 @@ class DialOwner(Protocol):
 
 
 class Dial:
-    """One pass over a session's plan, one attempt at a time, in order."""
+    """One pass over a session's plan: in order, one attempt at a time, except that an
+    attempt with no answer after its backend's hedge delay has the next backend tried
+    beside it (hedged attempts). The first to answer wins; of two that answer together,
+    the earlier in the order. An attempt that loses is closed before any byte of the
+    client reaches it; one still trying goes on, detached, until it answers or fails,
+    so that its outcome still tells passive health whether that backend is there."""
 
     __slots__ = (
         "_addresses",
@@ -172,9 +191,12 @@ class Dial:
         "_next_address",
         "_pause",
         "_position",
+        "_racing",
+        "_ready",
         "_reason",
         "_resolving",
         "deadline",
+        "over",
         "owner",
         "plan",
         "reactor",
@@ -195,9 +217,15 @@ class Dial:
         self._addresses: Sequence[tuple[str, int]] | None = None
         self._next_address = 0
         self._reason = OUTCOME_FAILOVER_TIMEOUT
+        # The newest attempt, and the older ones a hedge overtook, still trying.
         self._attempt: Attempt | None = None
+        self._racing: list[Attempt] | None = None
+        # Attempts that answered in this batch of events, while others raced them.
+        self._ready: list[Attempt] | None = None
         self._resolving: asyncio.Task[None] | None = None
         self._pause = SHORTAGE_PAUSE
+        # Connected, failed or cancelled: the session has been told.
+        self.over = False
 
     def start(self) -> None:
         """The first attempt. The usual one (an IP literal, no limit of connections to
@@ -210,7 +238,7 @@ class Dial:
                 target.stats.active += 1
                 self._addresses = addresses
                 self._next_address = 1
-                attempt = Attempt(self, target, addresses[0])
+                attempt = Attempt(self, target, addresses[0], 0)
                 outcome = attempt.start()
                 if outcome is None:
                     self._attempt = attempt
@@ -221,9 +249,12 @@ class Dial:
 
     def cancel(self) -> None:
         """The session is over (the client left, the daemon stops): drop everything."""
-        if self._attempt is not None:
-            self._attempt.abandon()
-            self._attempt = None
+        self.over = True
+        for attempt in self._in_flight():
+            attempt.abandon()
+            if attempt is not self._attempt:
+                self._let_go(attempt)
+        self._attempt = self._racing = self._ready = None
         if self._resolving is not None:
             self._resolving.cancel()
             self._resolving = None
@@ -232,24 +263,31 @@ class Dial:
             self.service.release(self.plan[self._position])
         self._position = len(self.plan) + 1
 
-    def _next(self) -> None:
-        """Start the next attempt of the plan, or tell the session none is left."""
+    def _in_flight(self) -> list[Attempt]:
+        attempts = [] if self._attempt is None else [self._attempt]
+        if self._racing:
+            attempts += self._racing
+        if self._ready:
+            attempts += [a for a in self._ready if a is not self._attempt and a not in attempts]
+        return attempts
+
+    def _next(self, *, hedge: bool = False) -> None:
+        """Start the next attempt of the plan, or tell the session none is left;
+        ``hedge``: it is started beside an overdue one."""
         service = self.service
         plan = self.plan
         while True:
             addresses = self._addresses
             if addresses is None:
                 if self._position >= len(plan):
-                    if self._position == len(plan):
-                        self._position += 1
-                        self.owner.dial_failed()
+                    self._exhausted()
                     return
                 target = plan[self._position]
                 deadline = self.deadline
                 if deadline is not None and deadline <= time.monotonic():
                     self.owner.attempt_failed(target, target.shown, OUTCOME_FAILOVER_TIMEOUT, 0.0)
-                    self._position = len(plan) + 1
-                    self.owner.dial_failed()
+                    self._position = len(plan)
+                    self._exhausted()
                     return
                 if not service.acquire(target):
                     self.owner.attempt_failed(target, target.shown, OUTCOME_FULL, 0.0)
@@ -275,13 +313,22 @@ class Dial:
                 continue
             address = addresses[self._next_address]
             self._next_address += 1
-            attempt = Attempt(self, target, address)
+            attempt = Attempt(self, target, address, self._position)
+            attempt.hedge = hedge
             outcome = attempt.start()
             if outcome is None:
                 self._attempt = attempt
                 return
             if self._settle(outcome, addresses):
                 return
+
+    def _exhausted(self) -> None:
+        """No backend left to start: over, unless an overtaken attempt is still trying."""
+        if self.over or self._racing or self._ready:
+            return
+        self.over = True
+        self._position = len(self.plan) + 1
+        self.owner.dial_failed()
 
     def _settle(self, outcome: str, addresses: Sequence[tuple[str, int]]) -> bool:
         """An attempt failed at once: True if the sequence must wait (a retry is timed)."""
@@ -350,31 +397,177 @@ class Dial:
     # --- what attempts report ------------------------------------------------------------
 
     def attempt_failed(self, attempt: Attempt, outcome: str) -> None:
-        self._attempt = None
+        if attempt.detached:
+            # A loser that went on trying: its end tells health, and nobody else.
+            self._let_go(attempt)
+            if outcome not in _NOT_THE_BACKENDS:
+                self.service.failed(attempt.target, outcome)
+            return
         self.owner.attempt_failed(
             attempt.target, attempt.address, outcome, time.monotonic() - attempt.started
         )
+        if attempt is not self._attempt:
+            # Overtaken by a hedge, and now failed: its backend is done for this session.
+            assert self._racing is not None
+            self._racing.remove(attempt)
+            self._let_go(attempt)
+            if outcome not in _NOT_THE_BACKENDS:
+                self.service.failed(attempt.target, outcome)
+            if self._attempt is None and self._addresses is None:
+                self._exhausted()
+            return
+        self._attempt = None
         self._reason = outcome
         if outcome == OUTCOME_FAILOVER_TIMEOUT and self._addresses is not None:
             self._next_address = len(self._addresses)
         self._next()
 
     def attempt_connected(self, attempt: Attempt) -> None:
-        self._attempt = None
+        """``attempt`` answered (connected, or greeted as expected)."""
+        target = attempt.target
+        # Its answer time: the hedge delay of the backend follows the slowest of late.
+        elapsed = time.monotonic() - attempt.started
+        target.slowest = max(elapsed, target.slowest * SLOWEST_DECAY)
+        if attempt.detached:
+            # It lost; say so to health (it answered) and close it, untouched.
+            attempt.abandon()
+            self._let_go(attempt)
+            self.service.succeeded(target)
+            return
+        if not self._racing and attempt is self._attempt:
+            # The usual case: nothing raced it.
+            self._win(attempt)
+            return
+        ready = self._ready
+        if ready is None:
+            ready = self._ready = []
+            # Decided once every event of this batch is in: of attempts that answered
+            # together, the earlier in the order wins.
+            self.reactor.after_batch(self._decide)
+        ready.append(attempt)
+
+    def _decide(self) -> None:
+        ready = self._ready
+        self._ready = None
+        if not ready or self.over:
+            return
+        winner = min(ready, key=_RANK)
+        now = time.monotonic()
+        losers = [a for a in self._in_flight() if a is not winner]
+        current = self._attempt
+        self._attempt = self._racing = None
+        for attempt in losers:
+            attempt.detached = True
+            self.owner.attempt_failed(
+                attempt.target, attempt.address, OUTCOME_OVERTAKEN, now - attempt.started
+            )
+            if attempt.state == _OVER:
+                # Answered too, later in the order: closed untouched.
+                attempt.abandon()
+                self._let_go(attempt)
+                self.service.succeeded(attempt.target)
+            elif not attempt.extra:
+                # Still trying: it goes on alone, its outcome for health only.
+                attempt.extra = True
+                self.service.hedging += 1
+        if current is None:
+            # No attempt holds the place of the backend being tried: give it back.
+            self._release_current(winner)
+        if winner.extra:
+            winner.extra = False
+            self.service.hedging -= 1
+        if winner.hedge:
+            winner.target.stats.hedge_wins += 1
+        self._win(winner)
+
+    def _release_current(self, winner: Attempt) -> None:
+        if self._resolving is not None:
+            self._resolving.cancel()
+            self._resolving = None
+        if self._addresses is not None and self._position < len(self.plan):
+            if winner.rank != self._position:
+                self.service.release(self.plan[self._position])
+            self._addresses = None
+
+    def _win(self, attempt: Attempt) -> None:
+        self.over = True
+        self._attempt = self._racing = None
         self._addresses = None
         self._position = len(self.plan) + 1
-        self.service.succeeded(attempt.target)
+        target = attempt.target
+        if attempt.overdue:
+            target.overdue -= 1
+            attempt.overdue = False
+        if (
+            attempt.state == _OVER
+            and not attempt.header_sent
+            and target.send_proxy is not None
+            and not attempt.send_header()
+        ):
+            # Connect-only answers get the PROXY header here (only the winner hears it);
+            # the attempt failed sending it, and said so.
+            return
+        health = target.health
+        # An up backend without failures in a row has nothing to learn from a success.
+        if health is not None and (not health.up or health.consecutive_failures):
+            self.service.succeeded(target)
         self.owner.dial_connected(attempt)
+
+    def _let_go(self, attempt: Attempt) -> None:
+        """An attempt that no session will use has ended: its backend's place, its
+        overdue mark and its share of the hedges go."""
+        self.service.release(attempt.target)
+        if attempt.overdue:
+            attempt.target.overdue -= 1
+            attempt.overdue = False
+        if attempt.extra:
+            attempt.extra = False
+            self.service.hedging -= 1
+
+    def overdue(self, attempt: Attempt) -> None:
+        """No answer from ``attempt`` after its hedge delay: its backend is suspect for
+        new sessions, and the next backend is tried beside it (if hedging may)."""
+        attempt.overdue = True
+        attempt.target.overdue += 1
+        service = self.service
+        if (
+            attempt is not self._attempt
+            or self.over
+            or self._position + 1 >= len(self.plan)
+            or service.hedging >= MAX_HEDGES_IN_FLIGHT
+        ):
+            return
+        racing = self._racing
+        if racing is None:
+            racing = self._racing = []
+        racing.append(attempt)
+        attempt.extra = True
+        service.hedging += 1
+        attempt.target.stats.hedges += 1
+        # The overtaken attempt keeps its backend's place; the next backend is started.
+        self._attempt = None
+        self._addresses = None
+        self._position += 1
+        self._next(hedge=True)
 
     # --- timer (a retry after a shortage) ------------------------------------------------
 
     def on_timer(self, kind: int) -> None:
-        if self._position < len(self.plan) and self._attempt is None:
+        if self._position < len(self.plan) and self._attempt is None and not self.over:
             self._next()
 
     def on_failure(self, error: BaseException) -> None:
+        over = self.over
         self.cancel()
-        self.owner.dial_failed()
+        if not over:
+            self.owner.dial_failed()
+
+
+def _rank(attempt: Attempt) -> int:
+    return attempt.rank
+
+
+_RANK: Final = _rank
 
 
 _SHORTAGE_WORDS: Final = frozenset(describe_errno(code) for code in SHORTAGE_ERRORS)
@@ -387,10 +580,17 @@ class Attempt:
         "address",
         "cut",
         "deadline",
+        "detached",
         "dial",
+        "extra",
         "fd",
         "greeting",
+        "header_sent",
+        "hedge",
+        "hedge_at",
         "local",
+        "overdue",
+        "rank",
         "readable",
         "remote",
         "slow",
@@ -401,10 +601,12 @@ class Attempt:
         "transparent",
     )
 
-    def __init__(self, dial: Dial, target: Target, remote: tuple[str, int]) -> None:
+    def __init__(self, dial: Dial, target: Target, remote: tuple[str, int], rank: int) -> None:
         self.dial = dial
         self.target = target
         self.remote = remote
+        # The backend's place in the plan: of attempts that answer together, the lower wins.
+        self.rank = rank
         self.address = (
             target.shown if target.literal is not None else format_hostport(remote[0], remote[1])
         )
@@ -424,6 +626,15 @@ class Attempt:
         self.deadline = 0.0
         self.slow = False
         self.cut = False
+        # When no answer makes it overdue (a hedge may start); whether it is, whether it
+        # was started as a hedge, and whether it lost and only tells health now.
+        self.hedge_at = 0.0
+        self.overdue = False
+        self.hedge = False
+        self.detached = False
+        # Counted among the service's hedges in flight (overtaken, or lost and trying).
+        self.extra = False
+        self.header_sent = False
 
     def start(self) -> str | None:
         """Connect; None while in progress, else why it failed at once (recorded)."""
@@ -481,6 +692,7 @@ class Attempt:
         reactor.register(fd, BACKEND_EVENTS)
         reactor.handlers[fd] = self
         self.deadline = started + budget
+        self.hedge_at = started + service.hedge_delay(self.target)
         reactor.tick(self)
         return None
 
@@ -503,22 +715,11 @@ class Attempt:
             self._fail(describe_errno(code) if code else OUTCOME_REFUSED)
             return
         dial = self.dial
-        target = self.target
-        if target.send_proxy is not None:
-            header = dial.owner.proxy_header(target.send_proxy)
-            if header:
-                # First and whole: receivers read the header from their first recv(), and
-                # a fresh connection's send buffer takes a few hundred bytes at once.
-                try:
-                    sent = sock.send(header)
-                except OSError as error:
-                    self._fail(describe_errno(error.errno or errno.EIO))
-                    return
-                if sent != len(header):
-                    self._fail(OUTCOME_GREETING_RESET)
-                    return
         service = dial.service
         if service.greeting_pattern is not None:
+            # A backend that wants a PROXY header (Postfix) sends no greeting before it.
+            if self.target.send_proxy is not None and not self.send_header():
+                return
             greeting = service.settings.greeting
             assert greeting is not None
             self.state = _GREETING_WAIT
@@ -531,14 +732,27 @@ class Attempt:
         self.readable = bool(events & (IN | RDHUP))
         self.state = _OVER
         dial.reactor.ticking.discard(self)
-        dial._attempt = None
-        dial._addresses = None
-        dial._position = len(dial.plan) + 1
-        health = target.health
-        # An up backend without failures in a row has nothing to learn from a success.
-        if health is not None and (not health.up or health.consecutive_failures):
-            service.succeeded(target)
-        dial.owner.dial_connected(self)
+        dial.attempt_connected(self)
+
+    def send_header(self) -> bool:
+        """The session's PROXY header, first and whole (receivers read it from their
+        first recv(), and a fresh connection's send buffer takes a few hundred bytes at
+        once); False if the attempt failed instead."""
+        send_proxy = self.target.send_proxy
+        assert send_proxy is not None and self.sock is not None
+        self.header_sent = True
+        header = self.dial.owner.proxy_header(send_proxy)
+        if not header:
+            return True
+        try:
+            sent = self.sock.send(header)
+        except OSError as error:
+            self._fail(describe_errno(error.errno or errno.EIO))
+            return False
+        if sent != len(header):
+            self._fail(OUTCOME_GREETING_RESET)
+            return False
+        return True
 
     def _greeting_read(self) -> None:
         """Read until the first line is there, or the backend has nothing more for now
@@ -589,9 +803,14 @@ class Attempt:
                 self._fail(OUTCOME_FAILOVER_TIMEOUT if self.cut else OUTCOME_TIMEOUT)
             else:
                 self._fail(OUTCOME_FAILOVER_TIMEOUT if self.cut else OUTCOME_GREETING_TIMEOUT)
-        elif not self.slow and now - self.started >= SLOW_AFTER:
+            return
+        if self.detached:
+            return
+        if not self.slow and now - self.started >= SLOW_AFTER:
             self.slow = True
             self.dial.owner.dial_slow()
+        if not self.overdue and now >= self.hedge_at and self.dial.service.hedges:
+            self.dial.overdue(self)
 
     def on_failure(self, error: BaseException) -> None:
         if self.state != _OVER:

@@ -45,6 +45,8 @@ ATTEMPT_OUTCOMES = frozenset(
         "greeting_closed",
         "greeting_reset",
         "greeting_too_long",
+        "overtaken",
+        "transparent_bind",
     }
 )
 # Rarer failures are named by their errno, lower-cased: a fixed set too.
@@ -112,11 +114,15 @@ class Histogram:
 
 
 class BackendStats:
-    __slots__ = ("active", "attempts", "check_seconds", "sessions")
+    __slots__ = ("active", "attempts", "check_seconds", "hedge_wins", "hedges", "sessions")
 
     def __init__(self) -> None:
         self.attempts: Counter[str] = Counter()
         self.sessions = 0
+        # Hedges started because an attempt to this backend was overdue; hedged
+        # attempts to it that won.
+        self.hedges = 0
+        self.hedge_wins = 0
         self.active = 0
         self.check_seconds = Histogram()
 
@@ -181,6 +187,10 @@ class BackendView(Protocol):
 
     @property
     def active(self) -> int: ...
+
+    @property
+    def suspect(self) -> bool:
+        """An attempt to it is overdue: new sessions try it after the others."""
 
 
 class ServiceView(Protocol):
@@ -251,6 +261,22 @@ class TcpfwdCollector(Collector):
             "1 for the backend's administrative state (enabled, draining, disabled).",
             labels=["service", "backend", "state"],
         )
+        hedges = CounterMetricFamily(
+            "tcpfwd_backend_hedges",
+            "Hedged attempts started because an attempt to this backend went unanswered "
+            "past its hedge delay.",
+            labels=["service", "backend"],
+        )
+        hedge_wins = CounterMetricFamily(
+            "tcpfwd_backend_hedge_wins",
+            "Hedged attempts to this backend that answered first and were used.",
+            labels=["service", "backend"],
+        )
+        suspect = GaugeMetricFamily(
+            "tcpfwd_backend_suspect",
+            "1 while an attempt to the backend is overdue: new sessions try it last.",
+            labels=["service", "backend"],
+        )
         checks = HistogramMetricFamily(
             "tcpfwd_health_check_duration_seconds",
             "Duration of active health checks and recovery probes.",
@@ -285,6 +311,9 @@ class TcpfwdCollector(Collector):
                 backend_sessions.add_metric([name, view.name], backend_stats.sessions)
                 backend_active.add_metric([name, view.name], view.active)
                 up.add_metric([name, view.name], 1 if view.up else 0)
+                hedges.add_metric([name, view.name], backend_stats.hedges)
+                hedge_wins.add_metric([name, view.name], backend_stats.hedge_wins)
+                suspect.add_metric([name, view.name], 1 if view.suspect else 0)
                 for state in ADMIN_STATES:
                     admin.add_metric(
                         [name, view.name, state], 1 if view.admin_state == state else 0
@@ -306,6 +335,9 @@ class TcpfwdCollector(Collector):
             backend_sessions,
             backend_active,
             up,
+            hedges,
+            hedge_wins,
+            suspect,
             admin,
             checks,
         )
@@ -340,6 +372,8 @@ def stats_to_dict(stats: ServiceStats) -> dict[str, Any]:
             name: {
                 "attempts": dict(backend.attempts),
                 "sessions": backend.sessions,
+                "hedges": backend.hedges,
+                "hedge_wins": backend.hedge_wins,
                 "active": backend.active,
                 "check_seconds": histogram_to_dict(backend.check_seconds),
             }
@@ -361,6 +395,8 @@ def add_stats(into: ServiceStats, data: dict[str, Any], *, gauges: bool = True) 
         backend = into.backend(name)
         backend.attempts.update(backend_data["attempts"])
         backend.sessions += backend_data["sessions"]
+        backend.hedges += backend_data.get("hedges", 0)
+        backend.hedge_wins += backend_data.get("hedge_wins", 0)
         if gauges:
             backend.active += backend_data["active"]
         add_histogram(backend.check_seconds, backend_data["check_seconds"])

@@ -303,6 +303,7 @@ class Server(Daemon[Opened]):
                         admin_state=runtime.admin_state(target.name),
                         active=counted.active,
                         health=shown_state(target.health, tried),
+                        suspect=runtime.suspect(target),
                         detail=health_detail(target.health),
                     )
                 )

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .accesslog import AccessLog, AttemptResult, SessionRecord, format_timestamp
 from .config import ACCEPT_PROXY_OFF, BackendConfig, ServiceConfig, format_hostport
-from .dialer import OUTCOME_OK, SocketOptions, keepalive_options
+from .dialer import HEDGE_FACTOR, HEDGE_FLOOR, OUTCOME_OK, SocketOptions, keepalive_options
 from .health import BackendHealth
 from .metrics import BackendStats, ServiceStats, outcome_label
 from .monitor import HealthMonitor
@@ -88,6 +88,8 @@ class BackendView:
     up: bool
     admin_state: str
     active: int
+    # An attempt to it is overdue: new sessions try it after the others.
+    suspect: bool = False
 
 
 class Target:
@@ -99,9 +101,11 @@ class Target:
         "host",
         "literal",
         "name",
+        "overdue",
         "port",
         "send_proxy",
         "shown",
+        "slowest",
         "stats",
     )
 
@@ -117,6 +121,11 @@ class Target:
         self.health = health
         self.stats = stats
         self.send_proxy = config.send_proxy
+        # The slowest answer of late (a decaying maximum): what its hedge delay follows.
+        self.slowest = 0.0
+        # Attempts to it past their hedge delay without an answer: while there are any,
+        # it is suspect, and new sessions try it after the others.
+        self.overdue = 0
         # An IP literal needs no resolver: its one address, worked out once (written as
         # the kernel writes it, so that it compares equal to a socket's own address).
         self.literal: tuple[tuple[str, int], ...] | None = (
@@ -410,6 +419,11 @@ class ServiceRuntime:
         self.checks_addresses = settings.accept_proxy == ACCEPT_PROXY_OFF and bool(
             settings.allow or settings.deny or self.per_client_limit is not None
         )
+        # Hedged attempts (see dialer.Dial): whether, when, and how many run now.
+        self.hedges = settings.hedge
+        self._hedge_delay = settings.hedge_delay
+        self._hedge_cap = settings.connect_timeout / 2
+        self.hedging = 0
         # Nothing to judge but the daemon's own limits (the usual case).
         self.open_door = (
             settings.accept_proxy == ACCEPT_PROXY_OFF
@@ -436,6 +450,19 @@ class ServiceRuntime:
             for i, b in enumerate(self.config.backends)
         ]
 
+    def hedge_delay(self, target: Target) -> float:
+        """How long an attempt to ``target`` may go unanswered before a hedge starts:
+        as configured, or a multiple of its slowest answers of late, with a floor (and
+        no more than half the connect timeout, or the hedge would come too late)."""
+        fixed = self._hedge_delay
+        if fixed is not None:
+            return fixed
+        return min(max(HEDGE_FLOOR, HEDGE_FACTOR * target.slowest), self._hedge_cap)
+
+    def suspect(self, target: Target) -> bool:
+        """An attempt to it is overdue (only where its health is kept at all)."""
+        return target.overdue > 0 and target.health is not None and self.hedges
+
     def admin_state(self, backend: str) -> str:
         return self.daemon.admin_states.get((self.name, backend), ADMIN_ENABLED)
 
@@ -449,7 +476,7 @@ class ServiceRuntime:
         if shortcut is not None and not states:
             for target in shortcut:
                 health = target.health
-                if health is not None and not health.up:
+                if health is not None and (not health.up or target.overdue):
                     break
             else:
                 return shortcut
@@ -464,7 +491,8 @@ class ServiceRuntime:
                     index=i,
                     tier=backend.tier,
                     weight=backend.weight,
-                    up=health is None or health.is_up,
+                    # Suspect (an attempt overdue) counts as down: tried after the others.
+                    up=health is None or (health.up and not (target.overdue and self.hedges)),
                     available=(backend.max_connections is None or active < backend.max_connections)
                     and (not states or (self.name, target.name) not in states),
                     active=active,
@@ -481,6 +509,7 @@ class ServiceRuntime:
                 up=target.health is None or target.health.is_up,
                 admin_state=self.admin_state(target.name),
                 active=target.stats.active,
+                suspect=self.suspect(target),
             )
             for target in self.targets
         ]

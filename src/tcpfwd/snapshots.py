@@ -52,9 +52,13 @@ def read_snapshot(path: str) -> Snapshot | None:
     return data
 
 
-def _health_entries(snapshots: list[Snapshot]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Each backend's status entry from the lowest worker that has a verdict on it."""
+def _health_entries(
+    snapshots: list[Snapshot],
+) -> tuple[dict[tuple[str, str], dict[str, Any]], set[tuple[str, str]]]:
+    """Each backend's status entry from the lowest worker that has a verdict on it, and
+    the backends any worker finds suspect (each dials on its own)."""
     entries: dict[tuple[str, str], dict[str, Any]] = {}
+    suspects: set[tuple[str, str]] = set()
     for snapshot in sorted(snapshots, key=lambda s: int(s["index"])):
         for service in snapshot["status"]["services"]:
             for backend in service["backends"]:
@@ -62,7 +66,9 @@ def _health_entries(snapshots: list[Snapshot]) -> dict[tuple[str, str], dict[str
                 have = entries.get(key)
                 if have is None or (have["health"] == UNKNOWN and backend["health"] != UNKNOWN):
                     entries[key] = backend
-    return entries
+                if backend.get("suspect"):
+                    suspects.add(key)
+    return entries, suspects
 
 
 class Snapshots:
@@ -118,7 +124,7 @@ class Snapshots:
     ) -> Overview:
         """Every worker's services summed, as one daemon's."""
         merged = self._merged(snapshots, config)
-        health = _health_entries(snapshots)
+        health, suspects = _health_entries(snapshots)
         listening: dict[str, list[str]] = {}
         for snapshot in snapshots[:1]:
             for service in snapshot["status"]["services"]:
@@ -137,6 +143,7 @@ class Snapshots:
                         admin_state=admin_states.get(key, ADMIN_ENABLED),
                         active=stats.backend(backend.name).active,
                         health=entry.get("health", UNKNOWN),
+                        suspect=key in suspects,
                         detail={k: entry[k] for k in DETAIL_KEYS if k in entry},
                     )
                 )

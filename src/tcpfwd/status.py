@@ -51,6 +51,8 @@ class BackendReading:
     active: int
     # up, down or unknown
     health: str
+    # An attempt to it is overdue: new sessions try it after the others.
+    suspect: bool = False
     # Why and since when, its last check: the entries of DETAIL_KEYS that are known.
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -93,6 +95,7 @@ def _backend_entry(backend: BackendReading, stats: ServiceStats) -> dict[str, An
         "name": backend.name,
         "address": backend.address,
         "health": backend.health,
+        "suspect": backend.suspect,
         "admin_state": backend.admin_state,
         "active": backend.active,
         "sessions_total": counted.sessions,

@@ -113,10 +113,16 @@ class WorkerLink:
                 self.server.monitor.adopt((service["name"], backend["name"]), verdict, reason)
 
     def _on_message(self) -> None:
-        try:
-            message, descriptors = control.receive(self.channel)
-        except (BlockingIOError, InterruptedError):
-            return
+        # Everything queued, not one message a turn: an order waiting behind a ping would
+        # otherwise come after connections that arrived meanwhile.
+        while not self.orphaned:
+            try:
+                message, descriptors = control.receive(self.channel)
+            except (BlockingIOError, InterruptedError):
+                return
+            self._handle(message, descriptors)
+
+    def _handle(self, message: Message | None, descriptors: list[int]) -> None:
         if message is None:
             # The supervisor is gone: nobody would restart, reload or stop us any more.
             assert self._loop is not None

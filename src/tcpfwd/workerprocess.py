@@ -119,22 +119,22 @@ class WorkerProcess:
             log.error("cannot reach worker %d: %s", self.index, error)
 
     def _on_message(self) -> None:
-        assert self.channel is not None
-        try:
-            message, descriptors = control.receive(self.channel)
-        except (BlockingIOError, InterruptedError):
-            return
-        for fd in descriptors:
-            os.close(fd)
-        if message is None:
-            self._drop_channel()
-            return
-        # Any message shows its loop turns.
-        self._answered = time.monotonic()
-        if message.get("op") == "ready":
-            self.ready = True
-            if self._on_ready is not None:
-                self._on_ready(self)
+        while self.channel is not None:
+            try:
+                message, descriptors = control.receive(self.channel)
+            except (BlockingIOError, InterruptedError):
+                return
+            for fd in descriptors:
+                os.close(fd)
+            if message is None:
+                self._drop_channel()
+                return
+            # Any message shows its loop turns.
+            self._answered = time.monotonic()
+            if message.get("op") == "ready":
+                self.ready = True
+                if self._on_ready is not None:
+                    self._on_ready(self)
 
     def _drop_channel(self) -> None:
         if self.channel is not None:
