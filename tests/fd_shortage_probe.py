@@ -13,8 +13,8 @@ import time
 
 from tcpfwd.config import Address
 from tcpfwd.listener import Listener, open_listening_sockets
+from tcpfwd.process import new_event_loop
 from tcpfwd.reactor import Reactor
-from tcpfwd.server import new_event_loop
 
 QUEUED = 10
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import signal
 import struct
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from observability import rendered_dom
 from support import (
     connect,
     echo_server,
@@ -25,6 +28,7 @@ from support import (
     refused_port,
     run_command,
 )
+from tcpfwd.admin import STATUS_PAGE
 
 TOKEN = "s3cret-token-of-enough-length"
 
@@ -215,7 +219,8 @@ def test_status_and_backend_commands_use_the_admin_endpoint_of_the_config(run_tc
         lines = shown.stdout.splitlines()
         assert lines[0].startswith("tcpfwd ") and "serving" in lines[0]
         backend_a = next(line for line in lines if line.strip().startswith("a "))
-        assert backend_a.split()[:4] == ["a", first.address, "up", "draining"]
+        # Nothing has tried "a" yet: its health is not known.
+        assert backend_a.split()[:4] == ["a", first.address, "unknown", "draining"]
         refused = run_command("status", "--admin", url)
         assert refused.returncode == 1
         assert "401" in refused.stderr
@@ -293,3 +298,71 @@ def test_status_page_renders_in_headless_chromium(run_tcpfwd, tmp_path):
         width, height, distinct_rows = png_size_and_colours(screenshot)
         assert (width, height) == (1200, 800)
         assert distinct_rows > 40, "the page looks blank"
+
+
+def test_health_is_unknown_until_a_backend_is_checked_or_tried(run_tcpfwd, tmp_path):
+    with refused_port() as dead, echo_server(b"hi\n") as live, echo_server() as spare:
+        services = f"""
+[services.mail]
+listen = "127.0.0.1:0"
+backends = [{{ address = "{dead}", name = "a" }}, {{ address = "{live.address}", name = "b" }},
+            {{ address = "{spare.address}", name = "c" }}]
+"""
+        proxy = run_tcpfwd("run", "--config", str(admin_config(tmp_path, services)))
+        url = admin_url(proxy)
+
+        def health() -> dict[str, str]:
+            status, body = get(url + "/status")
+            assert status == 200
+            (service,) = json.loads(body)["services"]
+            return {b["name"]: b["health"] for b in service["backends"]}
+
+        assert health() == {"a": "unknown", "b": "unknown", "c": "unknown"}
+        # Shown, not acted upon: an unknown backend is tried as an up one, and counted up.
+        samples = metrics(url)
+        for name in "abc":
+            assert samples[("tcpfwd_backend_up", (("backend", name), ("service", "mail")))] == 1
+        with connect(proxy.address("mail")) as held:
+            assert recv_exactly(held, 3) == b"hi\n"
+            # Joined to "b" and still live: tried, though no session of it has ended.
+            assert health() == {"a": "down", "b": "up", "c": "unknown"}
+        proxy.wait_for_access(1)
+        assert health() == {"a": "down", "b": "up", "c": "unknown"}
+        assert proxy.stop() == 0
+
+
+def test_a_checked_backend_is_known_after_its_first_check(run_tcpfwd, tmp_path):
+    with echo_server() as live:
+        services = f"""
+[services.mail]
+listen = "127.0.0.1:0"
+backends = [{{ address = "{live.address}", name = "a" }}]
+health = {{ check = "tcp", interval = "0.2s" }}
+"""
+        proxy = run_tcpfwd("run", "--config", str(admin_config(tmp_path, services)))
+        url = admin_url(proxy)
+        deadline = time.monotonic() + 10
+        while True:
+            (backend,) = json.loads(get(url + "/status")[1])["services"][0]["backends"]
+            if backend["health"] != "unknown":
+                break
+            assert time.monotonic() < deadline, "never checked"
+            time.sleep(0.05)
+        assert backend["health"] == "up"
+        assert backend["last_check"].startswith("ok")
+        assert proxy.stop() == 0
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_the_status_page_shows_unknown_health_as_a_grey_badge(run_tcpfwd, tmp_path):
+    with echo_server() as live:
+        proxy = run_tcpfwd(
+            "run", "--config", str(admin_config(tmp_path, two_backends(live.address, live.address)))
+        )
+        dom = rendered_dom(tmp_path, admin_url(proxy) + "/")
+        assert dom.count('<span class="pill unknown">unknown</span>') == 2
+        style = re.search(r"\.unknown\s*\{\s*background:\s*#([0-9a-f]{6})", STATUS_PAGE)
+        assert style is not None
+        red, green, blue = (int(style.group(1)[i : i + 2], 16) for i in (0, 2, 4))
+        assert max(red, green, blue) - min(red, green, blue) < 24, "a grey"
+        assert proxy.stop() == 0

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpfwd.health import BackendHealth, HealthState, HealthTable, Source, Transition
+from tcpfwd.health import (
+    UNKNOWN,
+    BackendHealth,
+    HealthState,
+    HealthTable,
+    Source,
+    Transition,
+    shown_state,
+)
 
 UP = HealthState.UP
 DOWN = HealthState.DOWN
@@ -412,3 +420,35 @@ def test_any_sequence_of_observations_matches_the_reference_model(
                 last_transition.at,
                 last_transition.reason,
             )
+
+
+# --- what is shown: unknown until something was learnt ----------------------------------
+
+
+def test_a_backend_nothing_was_learnt_about_is_shown_unknown_yet_taken_as_up() -> None:
+    health = BackendHealth()
+    assert shown_state(health, tried=False) == UNKNOWN
+    # Fail-open: the data plane tries it before any backend marked down.
+    assert health.up and health.is_up
+    assert shown_state(health, tried=True) == "up"
+
+
+@pytest.mark.parametrize(
+    ("learn", "shown"),
+    [
+        (lambda h: h.observe_success("check", 1.0), "up"),
+        (lambda h: h.observe_failure("check", "refused", 1.0), "up"),
+        (lambda h: h.observe_failure("passive", "refused", 1.0), "down"),
+        (lambda h: h.observe_success("passive", 1.0), "up"),
+        (lambda h: h.force(UP, "operator", 1.0), "up"),
+    ],
+)
+def test_any_evidence_makes_health_known(learn, shown) -> None:
+    health = BackendHealth(fall=1 if shown == "down" else 2)
+    learn(health)
+    assert shown_state(health, tried=False) == shown
+
+
+def test_untracked_health_is_known_only_by_trying() -> None:
+    assert shown_state(None, tried=False) == UNKNOWN
+    assert shown_state(None, tried=True) == "up"

@@ -50,7 +50,7 @@ def test_a_peer_with_the_address_of_a_connection_of_ours_is_judged_on_more_than_
     assert len(own) == 0
 
 
-async def test_a_client_on_this_host_that_shares_the_local_port_of_a_new_connection_of_ours_is_served():
+def test_a_local_client_sharing_the_port_of_a_new_connection_of_ours_is_served():
     # A real client socket from the very local address of a new connection of ours: its
     # own socket, from that address to the listener, proves it is not ours.
     listening = socket.create_server(("127.0.0.1", 0))

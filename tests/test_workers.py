@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import re
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from support import (
     socket_activation,
 )
 from tcpfwd.config import ConfigError, parse_config
+from tcpfwd.workerprocess import WorkerProcess
 
 _STARTED = re.compile(r"worker (\d+) started: pid (\d+)")
 
@@ -149,11 +152,26 @@ def test_both_workers_serve_and_metrics_sum_them(supervised, tmp_path, reuse_por
         for pid in pids.values():
             proxy.wait_for_event(f"pid {pid}] ready:")
         count = 60
-        for i in range(count):
-            assert exchange(proxy.address("main"), b"x%d" % i) == b"x%d" % i
+        if reuse_port == "true":
+            # SO_REUSEPORT: the kernel spreads connections over both workers' queues by
+            # their addresses (60 coin tosses).
+            for i in range(count):
+                assert exchange(proxy.address("main"), b"x%d" % i) == b"x%d" % i
+        else:
+            # One shared queue: whichever worker is first to accept takes each, so one
+            # may take them all; with the other stopped, each must serve in turn.
+            for number, pid in enumerate(pids.values()):
+                others = [p for p in pids.values() if p != pid]
+                for other in others:
+                    os.kill(other, signal.SIGSTOP)
+                try:
+                    for i in range(count // 2):
+                        payload = b"x%d-%d" % (number, i)
+                        assert exchange(proxy.address("main"), payload) == payload
+                finally:
+                    for other in others:
+                        os.kill(other, signal.SIGCONT)
         proxy.wait_for_access(count)
-        # SO_REUSEPORT: the kernel spreads connections over both workers' queues (60 coin
-        # tosses); one shared queue: whichever worker is first to accept takes each.
         assert len(session_prefixes(proxy)) == 2
         wait_for(lambda: metric(url, "tcpfwd_sessions_total") == count, "summed sessions")
         assert metric(url, "tcpfwd_backend_sessions_total") == count
@@ -460,3 +478,90 @@ def test_sigusr1_reopens_the_log_files_of_every_worker(supervised, tmp_path):
         prefixes = {line.split()[1].split("-")[0] for line in access_log.read_text().splitlines()}
         assert len(prefixes) == 2
         assert proxy.stop() == 0
+
+
+def test_health_stays_unknown_until_some_worker_tried_the_backend(supervised, tmp_path):
+    with echo_server(b"hi\n") as live, echo_server() as spare:
+        backends = f'{{ address = "{live.address}", name = "a" }}, '
+        backends += f'{{ address = "{spare.address}", name = "b" }}'
+        proxy = supervised(workers_config(tmp_path / "t.toml", service(backends)))
+        url = admin_url(proxy)
+
+        def health() -> dict[str, str]:
+            (shown,) = get_json(url + "/status")["services"]
+            return {b["name"]: b["health"] for b in shown["backends"]}
+
+        wait_for(lambda: len(get_json(url + "/status")["workers"]) == 2, "both snapshots")
+        assert health() == {"a": "unknown", "b": "unknown"}
+        assert exchange(proxy.address("main"), b"x") == b"hi\nx"
+        # Whichever worker served it, its verdict is the one shown.
+        wait_for(lambda: health() == {"a": "up", "b": "unknown"}, "a known to be up")
+        assert proxy.stop() == 0
+
+
+# --- one worker process, as the supervisor drives it -----------------------------------
+
+# A stand-in worker: says it is ready on its control channel, then answers pings or not.
+_STAND_IN = """
+import json, os, socket, sys, time
+channel = socket.socket(fileno=json.loads(os.environ["TCPFWD_WORKER"])["control"])
+channel.send(b'{"op": "ready"}')
+if sys.argv[1] == "silent":
+    time.sleep(60)
+while channel.recv(1 << 16):
+    channel.send(b'{"op": "pong"}')
+"""
+
+
+async def _until(check: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def stand_in(behaviour: str) -> AsyncIterator[WorkerProcess]:
+    command = [sys.executable, "-c", _STAND_IN, behaviour]
+    worker = WorkerProcess(0, command, ping_interval=0.05, ping_timeout=0.6)
+    assert worker.spawn("", [], [])
+    try:
+        await _until(lambda: worker.ready, "ready")
+        yield worker
+    finally:
+        worker.kill()
+        await _until(lambda: worker.exited() is not None or not worker.running, "exit")
+        worker.close()
+
+
+async def test_a_worker_that_answers_pings_is_alive():
+    async with stand_in("answering") as worker:
+        until = time.monotonic() + 2.0
+        while time.monotonic() < until:
+            assert worker.ping(time.monotonic()), "an answering worker taken for hung"
+            await asyncio.sleep(0.05)
+
+
+async def test_a_worker_whose_loop_is_stuck_is_found_hung_and_killed():
+    async with stand_in("silent") as worker:
+        pid = worker.pid
+        started = time.monotonic()
+        await _until(lambda: not worker.ping(time.monotonic()), "hung verdict")
+        assert time.monotonic() - started >= 0.5
+        worker.kill()
+        exits: list[str] = []
+        await _until(lambda: exits.append(worker.exited() or "") or exits[-1], "exit")
+        assert exits[-1] == "signal SIGKILL"
+        assert worker.pid is None and not alive(pid or 0)
+
+
+def test_restarts_back_off_while_a_worker_keeps_dying_young():
+    worker = WorkerProcess(0, ["true"])
+    worker.started = 100.0
+    assert [worker.schedule_restart(101.0) for _ in range(3)] == [0.5, 1.0, 2.0]
+    assert max(worker.schedule_restart(101.0) for _ in range(10)) == 30.0
+    # After a stable run, at once, and the pauses start over.
+    assert worker.schedule_restart(200.0) == 0.0
+    assert worker.schedule_restart(101.0) == 0.5
+    assert worker.restarts == 15
+    assert worker.restart_due(101.5) and not worker.restart_due(101.4)

@@ -26,9 +26,11 @@ from .config import (
     quick_config,
 )
 from .ctl import ControlError, backend_action, resolve_endpoint, show_status
+from .lifecycle import run
 from .listener import ListenError
 from .localcheck import check_local
-from .server import configure_logging_for, run
+from .process import configure_logging_for
+from .server import Server
 from .transparent import has_transparent_capability, transparent_services
 
 EXIT_OK = 0
@@ -381,8 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if command == "run":
-            # Imported here: a single process does without it.
-            from .workers import run_worker, supervise, worker_spec  # noqa: PLC0415
+            # Imported here: a single process does without them.
+            from .control import worker_spec  # noqa: PLC0415
+            from .supervisor import supervise  # noqa: PLC0415
+            from .worker import run_worker  # noqa: PLC0415
 
             spec = worker_spec()
             if spec is not None:
@@ -390,9 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif config.workers > 1:
                 supervise(config, args_list, reload_config=reload_config)
             else:
-                run(config, reload_config=reload_config)
+                run(Server(config, reload_config=reload_config))
         else:
-            run(config, reload_config=reload_config)
+            run(Server(config, reload_config=reload_config))
     except ListenError as error:
         print(f"tcpfwd: {error}", file=sys.stderr)
         return EXIT_STARTUP_FAILED

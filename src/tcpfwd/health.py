@@ -19,6 +19,10 @@ any      ``force(state)`` (admin)                     that state, both counts re
 
 Every observation returns a `Transition` if, and only if, it changed the state, so the
 caller logs each change exactly once.
+
+A backend starts UP without evidence: fail-open, it is tried before any marked down. What
+is shown of it (`shown_state`) says ``unknown`` until something was learnt: a check, a
+passive observation, a forced state, or a connection made to it.
 """
 
 from __future__ import annotations
@@ -26,14 +30,27 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
-__all__ = ["BackendHealth", "HealthState", "HealthTable", "Source", "Transition"]
+__all__ = [
+    "UNKNOWN",
+    "BackendHealth",
+    "HealthState",
+    "HealthTable",
+    "Source",
+    "Transition",
+    "shown_state",
+]
 
 
 class HealthState(StrEnum):
     UP = "up"
     DOWN = "down"
+
+
+# Shown for a backend nothing has been learnt about yet; not a state of the machine,
+# which treats such a backend as UP.
+UNKNOWN: Final = "unknown"
 
 
 class Source(StrEnum):
@@ -90,6 +107,7 @@ class BackendHealth:
         "last_check_detail",
         "last_check_ok",
         "last_reason",
+        "observed",
         "rise",
         "up",
     )
@@ -110,6 +128,8 @@ class BackendHealth:
         self.last_check_ok: bool | None = None
         self.last_check_at: float | None = None
         self.last_check_detail: str | None = None
+        # Whether any observation or decree has reached it: until then it is up by default.
+        self.observed = False
 
     @property
     def state(self) -> HealthState:
@@ -132,6 +152,7 @@ class BackendHealth:
     def observe_success(self, source: str, now: float, detail: str = "") -> Transition | None:
         """A successful connection (``"passive"``) or health check (``"check"``)."""
         src = _observation_source(source)
+        self.observed = True
         self.consecutive_failures = 0
         self.consecutive_successes += 1
         if src is Source.CHECK:
@@ -153,6 +174,7 @@ class BackendHealth:
     def observe_failure(self, source: str, reason: str, now: float) -> Transition | None:
         """A failed connection (``"passive"``) or health check (``"check"``), and why."""
         src = _observation_source(source)
+        self.observed = True
         self.consecutive_successes = 0
         self.consecutive_failures += 1
         if src is Source.CHECK:
@@ -169,6 +191,7 @@ class BackendHealth:
         This is health, not administrative disabling: the checker can still move the
         backend afterwards (a backend forced down comes back after ``rise`` good checks).
         """
+        self.observed = True
         self.consecutive_failures = 0
         self.consecutive_successes = 0
         state = HealthState(state)
@@ -204,6 +227,21 @@ class BackendHealth:
             f"BackendHealth(state={self._state.value}, rise={self.rise}, fall={self.fall}, "
             f"failures={self.consecutive_failures}, successes={self.consecutive_successes})"
         )
+
+
+def shown_state(health: BackendHealth | None, tried: bool) -> str:
+    """What a status shows of a backend's health: ``up``, ``down`` or `UNKNOWN`.
+
+    ``health``: None where the backend's health is not tracked (no passive marks, no
+    check); ``tried``: a connection to it was made, or an attempt on it ended. An untried
+    backend without evidence is unknown, though the data plane takes it as up.
+    """
+    if health is not None:
+        if not health.up:
+            return HealthState.DOWN.value
+        if health.observed:
+            return HealthState.UP.value
+    return HealthState.UP.value if tried else UNKNOWN
 
 
 K = TypeVar("K", bound=Hashable)

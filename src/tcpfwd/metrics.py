@@ -174,16 +174,31 @@ def service_summary(stats: ServiceStats) -> dict[str, Any]:
 class BackendView(Protocol):
     """What the exposition needs to know of a backend right now."""
 
-    name: str
-    up: bool
-    admin_state: str
-    active: int
-    suspect: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def up(self) -> bool:
+        """False only when health says down: a backend not yet checked nor tried is
+        tried as an up one is, so it counts as up."""
+
+    @property
+    def admin_state(self) -> str: ...
+
+    @property
+    def active(self) -> int: ...
+
+    @property
+    def suspect(self) -> bool:
+        """An attempt to it is overdue: new sessions try it after the others."""
 
 
 class ServiceView(Protocol):
-    name: str
-    stats: ServiceStats
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stats(self) -> ServiceStats: ...
 
     def backend_views(self) -> Iterable[BackendView]: ...
 
@@ -237,7 +252,9 @@ class TcpfwdCollector(Collector):
             labels=["service", "backend"],
         )
         up = GaugeMetricFamily(
-            "tcpfwd_backend_up", "1 when health says up, else 0.", labels=["service", "backend"]
+            "tcpfwd_backend_up",
+            "0 when health says down, else 1 (also before the backend was checked or tried).",
+            labels=["service", "backend"],
         )
         admin = GaugeMetricFamily(
             "tcpfwd_backend_admin_state",

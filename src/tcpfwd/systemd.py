@@ -6,12 +6,15 @@ it works wherever the variables are set and costs nothing where they are not.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 SD_LISTEN_FDS_START = 3
+# Between STATUS lines when no watchdog sets the pace.
+STATUS_INTERVAL = 5.0
 
 
 class Notifier:
@@ -68,6 +71,35 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+class Heartbeat:
+    """While a daemon serves: watchdog pings (when systemd asks for them) and a STATUS
+    line, from the event loop, so that a stuck loop stops them."""
+
+    def __init__(self, notifier: Notifier, status: Callable[[], str]) -> None:
+        self._notifier = notifier
+        self._status = status
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self._notifier.enabled:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        interval = self._notifier.watchdog_interval or STATUS_INTERVAL
+        self._handle = asyncio.get_running_loop().call_later(interval, self._beat)
+
+    def _beat(self) -> None:
+        if self._notifier.watchdog_interval:
+            self._notifier.watchdog()
+        self._notifier.status(self._status())
+        self._schedule()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def _watchdog_interval(env: Mapping[str, str]) -> float | None:
