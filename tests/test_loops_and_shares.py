@@ -14,7 +14,8 @@ import pytest
 
 from plane import Plane
 from support import connect, echo_server, exchange, recv_exactly, write_config
-from tcpfwd.service import REJECT_LOOP, OwnConnections
+from tcpfwd.service import OwnConnections
+from tcpfwd.vocabulary import Reject
 
 
 class Ours:
@@ -84,7 +85,7 @@ async def test_a_connection_of_ours_that_comes_back_to_us_is_turned_away():
     finally:
         plane.close()
         listening.close()
-    assert verdict is not None and verdict[0] == REJECT_LOOP
+    assert verdict is not None and verdict[0] == Reject.LOOP
     assert stranger is None
 
 

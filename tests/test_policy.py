@@ -8,10 +8,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tcpfwd.policy import Candidate, PolicyName, Scheduler
+from tcpfwd.policy import Candidate, Scheduler
+from tcpfwd.vocabulary import Policy
 
-ALL_POLICIES = list(PolicyName)
-WEIGHTED_POLICIES = [p for p in PolicyName if p is not PolicyName.FAILOVER]
+ALL_POLICIES = list(Policy)
+WEIGHTED_POLICIES = [p for p in Policy if p is not Policy.FAILOVER]
 
 
 def weighted(*weights: int) -> list[Candidate]:
@@ -26,22 +27,22 @@ def first_choices(scheduler: Scheduler, candidates: list[Candidate], calls: int)
 
 
 def test_failover_tries_backends_in_configured_order() -> None:
-    scheduler = Scheduler(PolicyName.FAILOVER)
+    scheduler = Scheduler(Policy.FAILOVER)
     assert scheduler.order(weighted(1, 1, 1)) == [0, 1, 2]
     assert scheduler.order(weighted(1, 1, 1)) == [0, 1, 2]
 
 
 def test_failover_orders_by_index_not_by_position_in_the_input() -> None:
     candidates = [Candidate(2), Candidate(0), Candidate(1)]
-    assert Scheduler(PolicyName.FAILOVER).order(candidates) == [0, 1, 2]
+    assert Scheduler(Policy.FAILOVER).order(candidates) == [0, 1, 2]
 
 
 def test_failover_ignores_weights() -> None:
-    assert Scheduler(PolicyName.FAILOVER).order(weighted(1, 9, 0)) == [0, 1, 2]
+    assert Scheduler(Policy.FAILOVER).order(weighted(1, 9, 0)) == [0, 1, 2]
 
 
 def test_scheduler_accepts_the_policy_name_as_a_plain_string() -> None:
-    assert Scheduler("round-robin").policy is PolicyName.ROUND_ROBIN  # type: ignore[arg-type]
+    assert Scheduler("round-robin").policy is Policy.ROUND_ROBIN  # type: ignore[arg-type]
 
 
 def test_unknown_policy_name_is_rejected() -> None:
@@ -55,12 +56,12 @@ def test_negative_weight_is_rejected() -> None:
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
-def test_no_candidates_gives_an_empty_order(policy: PolicyName) -> None:
+def test_no_candidates_gives_an_empty_order(policy: Policy) -> None:
     assert Scheduler(policy, seed=1).order([], "client") == []
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
-def test_lower_tier_is_always_tried_before_higher_tier(policy: PolicyName) -> None:
+def test_lower_tier_is_always_tried_before_higher_tier(policy: Policy) -> None:
     candidates = [
         Candidate(0, tier=1, weight=100),
         Candidate(1, tier=0, weight=1),
@@ -75,7 +76,7 @@ def test_lower_tier_is_always_tried_before_higher_tier(policy: PolicyName) -> No
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
-def test_down_backends_come_last_in_configured_order(policy: PolicyName) -> None:
+def test_down_backends_come_last_in_configured_order(policy: Policy) -> None:
     candidates = [
         Candidate(0, up=False),
         Candidate(1),
@@ -89,14 +90,14 @@ def test_down_backends_come_last_in_configured_order(policy: PolicyName) -> None
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
 def test_down_backend_of_a_lower_tier_comes_after_up_backends_of_higher_tiers(
-    policy: PolicyName,
+    policy: Policy,
 ) -> None:
     candidates = [Candidate(0, tier=0, up=False), Candidate(1, tier=5)]
     assert Scheduler(policy, seed=1).order(candidates, "client") == [1, 0]
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
-def test_unavailable_backends_are_never_returned(policy: PolicyName) -> None:
+def test_unavailable_backends_are_never_returned(policy: Policy) -> None:
     candidates = [
         Candidate(0, available=False),
         Candidate(1),
@@ -110,7 +111,7 @@ def test_unavailable_backends_are_never_returned(policy: PolicyName) -> None:
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
 def test_all_down_still_returns_every_available_backend_in_configured_order(
-    policy: PolicyName,
+    policy: Policy,
 ) -> None:
     candidates = [
         Candidate(2, tier=1, up=False),
@@ -122,14 +123,14 @@ def test_all_down_still_returns_every_available_backend_in_configured_order(
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
-def test_all_unavailable_gives_an_empty_order(policy: PolicyName) -> None:
+def test_all_unavailable_gives_an_empty_order(policy: Policy) -> None:
     candidates = [Candidate(0, available=False), Candidate(1, available=False, up=False)]
     assert Scheduler(policy, seed=1).order(candidates, "client") == []
 
 
 @pytest.mark.parametrize("policy", WEIGHTED_POLICIES)
 def test_weight_zero_backend_is_used_only_after_the_weighted_ones_of_its_tier(
-    policy: PolicyName,
+    policy: Policy,
 ) -> None:
     candidates = [Candidate(0, weight=0), Candidate(1, weight=1), Candidate(2, weight=1)]
     scheduler = Scheduler(policy, seed=1)
@@ -139,7 +140,7 @@ def test_weight_zero_backend_is_used_only_after_the_weighted_ones_of_its_tier(
 
 @pytest.mark.parametrize("policy", WEIGHTED_POLICIES)
 def test_weight_zero_backend_of_a_lower_tier_still_precedes_a_higher_tier(
-    policy: PolicyName,
+    policy: Policy,
 ) -> None:
     candidates = [Candidate(0, weight=0), Candidate(1, tier=1, weight=5)]
     assert Scheduler(policy, seed=1).order(candidates, "client") == [0, 1]
@@ -147,7 +148,7 @@ def test_weight_zero_backend_of_a_lower_tier_still_precedes_a_higher_tier(
 
 @pytest.mark.parametrize("policy", WEIGHTED_POLICIES)
 def test_tier_of_only_weight_zero_backends_shares_load_as_if_weights_were_equal(
-    policy: PolicyName,
+    policy: Policy,
 ) -> None:
     scheduler = Scheduler(policy, seed=1)
     candidates = weighted(0, 0, 0)
@@ -157,7 +158,7 @@ def test_tier_of_only_weight_zero_backends_shares_load_as_if_weights_were_equal(
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
-def test_order_does_not_modify_the_candidates(policy: PolicyName) -> None:
+def test_order_does_not_modify_the_candidates(policy: Policy) -> None:
     candidates = (Candidate(1, up=False), Candidate(0, weight=2), Candidate(2, tier=1))
     before = list(candidates)
     Scheduler(policy, seed=1).order(candidates, "client")
@@ -168,24 +169,24 @@ def test_order_does_not_modify_the_candidates(policy: PolicyName) -> None:
 
 
 def test_round_robin_rotates_first_choice_through_equal_backends() -> None:
-    scheduler = Scheduler(PolicyName.ROUND_ROBIN)
+    scheduler = Scheduler(Policy.ROUND_ROBIN)
     candidates = weighted(1, 1, 1)
     assert [scheduler.order(candidates)[0] for _ in range(6)] == [0, 1, 2, 0, 1, 2]
 
 
 def test_round_robin_first_choice_matches_weights_exactly() -> None:
-    counts = first_choices(Scheduler(PolicyName.ROUND_ROBIN), weighted(5, 1, 1), 700)
+    counts = first_choices(Scheduler(Policy.ROUND_ROBIN), weighted(5, 1, 1), 700)
     assert counts == {0: 500, 1: 100, 2: 100}
 
 
 def test_round_robin_is_smooth_not_bursty() -> None:
-    scheduler = Scheduler(PolicyName.ROUND_ROBIN)
+    scheduler = Scheduler(Policy.ROUND_ROBIN)
     firsts = [scheduler.order(weighted(5, 1, 1))[0] for _ in range(7)]
     assert firsts == [0, 0, 1, 0, 2, 0, 0]
 
 
 def test_round_robin_rest_of_tier_follows_in_rotation_order() -> None:
-    scheduler = Scheduler(PolicyName.ROUND_ROBIN)
+    scheduler = Scheduler(Policy.ROUND_ROBIN)
     candidates = weighted(1, 1, 1)
     assert scheduler.order(candidates) == [0, 1, 2]
     assert scheduler.order(candidates) == [1, 2, 0]
@@ -193,7 +194,7 @@ def test_round_robin_rest_of_tier_follows_in_rotation_order() -> None:
 
 
 def test_round_robin_keeps_rotating_among_the_rest_when_one_goes_down() -> None:
-    scheduler = Scheduler(PolicyName.ROUND_ROBIN)
+    scheduler = Scheduler(Policy.ROUND_ROBIN)
     candidates = [Candidate(0), Candidate(1, up=False), Candidate(2)]
     firsts = [scheduler.order(candidates)[0] for _ in range(4)]
     assert firsts == [0, 2, 0, 2]
@@ -201,7 +202,7 @@ def test_round_robin_keeps_rotating_among_the_rest_when_one_goes_down() -> None:
 
 
 def test_round_robin_rotates_a_backup_tier_when_the_primary_tier_is_down() -> None:
-    scheduler = Scheduler(PolicyName.ROUND_ROBIN)
+    scheduler = Scheduler(Policy.ROUND_ROBIN)
     candidates = [Candidate(0, up=False), Candidate(1, tier=1), Candidate(2, tier=1)]
     assert [scheduler.order(candidates)[:2] for _ in range(3)] == [[1, 2], [2, 1], [1, 2]]
 
@@ -210,7 +211,7 @@ def test_round_robin_rotates_a_backup_tier_when_the_primary_tier_is_down() -> No
 def test_round_robin_results_are_permutations_and_distribution_is_exact_per_cycle(
     weights: tuple[int, ...],
 ) -> None:
-    scheduler = Scheduler(PolicyName.ROUND_ROBIN)
+    scheduler = Scheduler(Policy.ROUND_ROBIN)
     candidates = weighted(*weights)
     cycles = 3
     counts: Counter[int] = Counter()
@@ -226,7 +227,7 @@ def test_round_robin_results_are_permutations_and_distribution_is_exact_per_cycl
 
 def test_least_connections_picks_the_least_loaded_backend() -> None:
     candidates = [Candidate(0, active=5), Candidate(1, active=2), Candidate(2, active=9)]
-    assert Scheduler(PolicyName.LEAST_CONNECTIONS).order(candidates) == [1, 0, 2]
+    assert Scheduler(Policy.LEAST_CONNECTIONS).order(candidates) == [1, 0, 2]
 
 
 def test_least_connections_compares_load_relative_to_weight() -> None:
@@ -235,42 +236,42 @@ def test_least_connections_compares_load_relative_to_weight() -> None:
         Candidate(1, weight=4, active=8),  # 2.0
         Candidate(2, weight=2, active=5),  # 2.5
     ]
-    assert Scheduler(PolicyName.LEAST_CONNECTIONS).order(candidates) == [1, 2, 0]
+    assert Scheduler(Policy.LEAST_CONNECTIONS).order(candidates) == [1, 2, 0]
 
 
 def test_least_connections_equal_backends_share_new_connections() -> None:
-    counts = first_choices(Scheduler(PolicyName.LEAST_CONNECTIONS), weighted(1, 1, 1), 300)
+    counts = first_choices(Scheduler(Policy.LEAST_CONNECTIONS), weighted(1, 1, 1), 300)
     assert counts == {0: 100, 1: 100, 2: 100}
 
 
 def test_least_connections_puts_weight_zero_last_even_when_idle() -> None:
     candidates = [Candidate(0, weight=0, active=0), Candidate(1, weight=1, active=50)]
-    assert Scheduler(PolicyName.LEAST_CONNECTIONS).order(candidates) == [1, 0]
+    assert Scheduler(Policy.LEAST_CONNECTIONS).order(candidates) == [1, 0]
 
 
 def test_least_connections_orders_weight_zero_backends_by_their_load() -> None:
     candidates = [Candidate(0, weight=0, active=4), Candidate(1, weight=0, active=1)]
-    assert Scheduler(PolicyName.LEAST_CONNECTIONS).order(candidates) == [1, 0]
+    assert Scheduler(Policy.LEAST_CONNECTIONS).order(candidates) == [1, 0]
 
 
 # --- random -----------------------------------------------------------------------------
 
 
 def test_random_with_the_same_seed_gives_the_same_sequence() -> None:
-    a = Scheduler(PolicyName.RANDOM, seed=42)
-    b = Scheduler(PolicyName.RANDOM, seed=42)
+    a = Scheduler(Policy.RANDOM, seed=42)
+    b = Scheduler(Policy.RANDOM, seed=42)
     candidates = weighted(3, 1, 2, 1)
     assert [a.order(candidates) for _ in range(100)] == [b.order(candidates) for _ in range(100)]
 
 
 def test_random_orders_vary_between_calls() -> None:
-    scheduler = Scheduler(PolicyName.RANDOM, seed=7)
+    scheduler = Scheduler(Policy.RANDOM, seed=7)
     orders = {tuple(scheduler.order(weighted(1, 1, 1))) for _ in range(200)}
     assert len(orders) == 6
 
 
 def test_random_first_choice_follows_weights_within_tolerance() -> None:
-    counts = first_choices(Scheduler(PolicyName.RANDOM, seed=3), weighted(6, 3, 1), 10_000)
+    counts = first_choices(Scheduler(Policy.RANDOM, seed=3), weighted(6, 3, 1), 10_000)
     assert 5700 <= counts[0] <= 6300
     assert 2700 <= counts[1] <= 3300
     assert 800 <= counts[2] <= 1200
@@ -278,7 +279,7 @@ def test_random_first_choice_follows_weights_within_tolerance() -> None:
 
 def test_random_second_choice_is_weighted_among_the_rest() -> None:
     # With the first choice fixed at backend 0, the second is 1 or 2 in ratio 3:1.
-    scheduler = Scheduler(PolicyName.RANDOM, seed=5)
+    scheduler = Scheduler(Policy.RANDOM, seed=5)
     seconds = Counter(
         result[1]
         for result in (scheduler.order(weighted(50, 3, 1)) for _ in range(20_000))
@@ -293,8 +294,8 @@ def test_random_second_choice_is_weighted_among_the_rest() -> None:
 
 def test_source_hash_gives_the_same_order_for_the_same_client() -> None:
     candidates = weighted(1, 1, 1, 1, 1)
-    first = Scheduler(PolicyName.SOURCE_HASH).order(candidates, "192.0.2.7")
-    other_instance = Scheduler(PolicyName.SOURCE_HASH, seed=99)
+    first = Scheduler(Policy.SOURCE_HASH).order(candidates, "192.0.2.7")
+    other_instance = Scheduler(Policy.SOURCE_HASH, seed=99)
     for _ in range(10):
         assert other_instance.order(candidates, "192.0.2.7") == first
 
@@ -303,14 +304,14 @@ def test_source_hash_is_stable_across_releases() -> None:
     # A change here would move every client to a new backend on upgrade: it must be on
     # purpose, not a side effect of refactoring the hash.
     candidates = [Candidate(i, name=name) for i, name in enumerate("abcd")]
-    scheduler = Scheduler(PolicyName.SOURCE_HASH)
+    scheduler = Scheduler(Policy.SOURCE_HASH)
     assert scheduler.order(candidates, "192.0.2.1") == [0, 2, 3, 1]
     assert scheduler.order(candidates, "2001:db8::1") == [3, 1, 0, 2]
     assert scheduler.order(weighted(1, 1, 1), "client") == [2, 0, 1]
 
 
 def test_source_hash_spreads_different_clients_evenly() -> None:
-    scheduler = Scheduler(PolicyName.SOURCE_HASH)
+    scheduler = Scheduler(Policy.SOURCE_HASH)
     candidates = weighted(1, 1, 1, 1)
     counts = Counter(
         scheduler.order(candidates, f"10.0.{n // 256}.{n % 256}")[0] for n in range(8000)
@@ -319,14 +320,14 @@ def test_source_hash_spreads_different_clients_evenly() -> None:
 
 
 def test_source_hash_honours_weights_roughly() -> None:
-    scheduler = Scheduler(PolicyName.SOURCE_HASH)
+    scheduler = Scheduler(Policy.SOURCE_HASH)
     candidates = weighted(3, 1)
     counts = Counter(scheduler.order(candidates, f"client-{n}")[0] for n in range(8000))
     assert 5700 <= counts[0] <= 6300
 
 
 def test_source_hash_rest_of_the_order_differs_between_clients() -> None:
-    scheduler = Scheduler(PolicyName.SOURCE_HASH)
+    scheduler = Scheduler(Policy.SOURCE_HASH)
     orders = {tuple(scheduler.order(weighted(1, 1, 1), f"client-{n}")) for n in range(300)}
     assert len(orders) == 6
 
@@ -336,7 +337,7 @@ def test_source_hash_uses_the_backend_name_so_reordering_the_list_keeps_clients(
     before = [Candidate(i, name=name) for i, name in enumerate(names)]
     # "beta" removed from the configuration: every later backend changes index.
     after = [Candidate(i, name=name) for i, name in enumerate(n for n in names if n != "beta")]
-    scheduler = Scheduler(PolicyName.SOURCE_HASH)
+    scheduler = Scheduler(Policy.SOURCE_HASH)
     for n in range(500):
         key = f"client-{n}"
         old = names[scheduler.order(before, key)[0]]
@@ -360,7 +361,7 @@ def test_source_hash_removing_a_backend_moves_only_its_own_clients(
     removed %= len(names)
     before = [Candidate(i, weight=weights[i], name=name) for i, name in enumerate(names)]
     after = [c for c in before if c.index != removed]
-    scheduler = Scheduler(PolicyName.SOURCE_HASH)
+    scheduler = Scheduler(Policy.SOURCE_HASH)
     for client in clients:
         old = scheduler.order(before, client)
         new = scheduler.order(after, client)
@@ -381,7 +382,7 @@ def test_source_hash_marking_a_backend_down_moves_only_its_own_clients(
     marked %= len(names)
     before = [Candidate(i, name=name) for i, name in enumerate(names)]
     after = [Candidate(i, name=name, up=i != marked) for i, name in enumerate(names)]
-    scheduler = Scheduler(PolicyName.SOURCE_HASH)
+    scheduler = Scheduler(Policy.SOURCE_HASH)
     for client in clients:
         old = scheduler.order(before, client)
         assert scheduler.order(after, client) == [i for i in old if i != marked] + [marked]
@@ -399,7 +400,7 @@ def test_source_hash_adding_a_backend_moves_clients_only_to_it(
     before = [Candidate(i, name=name) for i, name in enumerate(names)]
     added = len(names)
     after = [*before, Candidate(added, name=new_name)]
-    scheduler = Scheduler(PolicyName.SOURCE_HASH)
+    scheduler = Scheduler(Policy.SOURCE_HASH)
     for client in clients:
         old_first = scheduler.order(before, client)[0]
         assert scheduler.order(after, client)[0] in (old_first, added)
@@ -432,7 +433,7 @@ candidate_lists = st.lists(
     seed=st.integers(0, 2**32),
 )
 def test_every_policy_returns_each_available_backend_once_up_before_down_tiers_ascending(
-    policy: PolicyName, candidates: list[Candidate], client_keys: list[str], seed: int
+    policy: Policy, candidates: list[Candidate], client_keys: list[str], seed: int
 ) -> None:
     by_index = {c.index: c for c in candidates}
     available = {c.index for c in candidates if c.available}
@@ -454,7 +455,7 @@ def test_every_policy_returns_each_available_backend_once_up_before_down_tiers_a
         tiers = [by_index[i].tier for i in head]
         assert tiers == sorted(tiers)
         # Failover keeps configured order and ignores weights by contract.
-        for tier in set(tiers) if policy is not PolicyName.FAILOVER else ():
+        for tier in set(tiers) if policy is not Policy.FAILOVER else ():
             weights = [by_index[i].weight for i in head if by_index[i].tier == tier]
             zeros = [w == 0 for w in weights]
             assert zeros == sorted(zeros), "weight-0 backends must end their tier"
@@ -464,7 +465,7 @@ def test_every_policy_returns_each_available_backend_once_up_before_down_tiers_a
 def test_failover_and_source_hash_are_deterministic(
     candidates: list[Candidate], client_key: str
 ) -> None:
-    for policy in (PolicyName.FAILOVER, PolicyName.SOURCE_HASH):
+    for policy in (Policy.FAILOVER, Policy.SOURCE_HASH):
         a = Scheduler(policy, seed=1).order(candidates, client_key)
         b = Scheduler(policy, seed=2)
         b.order(candidates, "warm-up")

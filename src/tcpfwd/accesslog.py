@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TextIO, cast
 
+from .vocabulary import End, EndWord, Outcome, RelayMode
+
 ACCESS_LOGGER = "tcpfwd.access"
 EVENT_LOGGER = "tcpfwd"
 
@@ -56,10 +58,10 @@ class SessionRecord:
     attempts_omitted: int = 0
     from_client: int = 0
     from_backend: int = 0
-    # Which relay moved the bytes ("splice" or "copy"); None when no backend was reached.
-    relay: str | None = None
+    # Which relay moved the bytes (splice or copy); None when no backend was reached.
+    relay: RelayMode | None = None
     duration: float = 0.0
-    end: str = ""
+    end: EndWord = End.CLIENT_CLOSED
     # The peer that connected, when a trusted PROXY header named another client.
     via: str | None = None
     # The backend was reached from the client's own address (transparent mode).
@@ -70,7 +72,7 @@ class SessionRecord:
         """Every attempt in order, the one that succeeded last."""
         if self.backend is None:
             return list(self.failed)
-        ok = AttemptResult(self.backend, self.backend_address or "?", "ok", self.attempt_time)
+        ok = AttemptResult(self.backend, self.backend_address or "?", Outcome.OK, self.attempt_time)
         return [*self.failed, ok]
 
 

@@ -48,11 +48,11 @@ from prometheus_client.registry import CollectorRegistry
 
 from .config import AdminConfig
 from .metrics import DaemonCollector, DaemonFigures, ServiceView, TcpfwdCollector
+from .vocabulary import ADMIN_ACTIONS, AdminState
 
 log = logging.getLogger("tcpfwd")
 
 STATUS_PAGE = resources.files(__package__).joinpath("status.html").read_text(encoding="utf-8")
-ACTIONS = {"drain": "draining", "disable": "disabled", "enable": "enabled"}
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # The header that marks a request as meant for an action (a form cannot send it).
 ACTION_HEADER = "X-Tcpfwd-Action"
@@ -126,7 +126,7 @@ class AdminTarget(Protocol):
 
     def daemon_figures(self) -> DaemonFigures: ...
 
-    def set_backend_state(self, service: str, backend: str, state: str) -> str | None:
+    def set_backend_state(self, service: str, backend: str, state: AdminState) -> str | None:
         """Apply an administrative state; returns an error message, or None."""
 
 
@@ -283,7 +283,7 @@ class AdminServer:
         service = request.match_info["service"]
         backend = request.match_info["backend"]
         action = request.match_info["action"]
-        state = ACTIONS.get(action)
+        state = ADMIN_ACTIONS.get(action)
         if state is None:
             raise web.HTTPNotFound(text=f"unknown action {action!r}: use drain, disable, enable\n")
         error = self._target.set_backend_state(service, backend, state)

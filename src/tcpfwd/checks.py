@@ -25,6 +25,7 @@ from .dialer import describe_failure
 from .patterns import Pattern
 from .proxy_send import proxy_header_for_check
 from .resolver import Resolver
+from .vocabulary import Outcome
 
 # Upper bounds on what a check reads, so a misbehaving backend cannot make it buffer more.
 MAX_LINE = 4096
@@ -73,7 +74,7 @@ async def run_check(
                     break
             return result
     except TimeoutError:
-        return CheckResult(False, "timeout")
+        return CheckResult(False, Outcome.TIMEOUT)
     except OSError as error:
         return CheckResult(False, describe_failure(error))
 

@@ -15,10 +15,7 @@ from dataclasses import replace
 
 from . import __version__
 from .config import (
-    CHECK_KINDS,
     GREETING_PRESETS,
-    POLICIES,
-    RELAY_MODES,
     Config,
     ConfigError,
     as_command_line_error,
@@ -32,6 +29,7 @@ from .localcheck import check_local
 from .process import configure_logging_for
 from .server import Server
 from .transparent import has_transparent_capability, transparent_services
+from .vocabulary import ADMIN_ACTIONS, CheckKind, Policy, RelayMode
 
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
@@ -90,7 +88,9 @@ def _quick_parser() -> argparse.ArgumentParser:
         help="connect to backends from the client's own address (needs CAP_NET_ADMIN and "
         "routing for the replies: see docs/transparent.md)",
     )
-    parser.add_argument("--policy", choices=POLICIES, help="order of attempts (default failover)")
+    parser.add_argument(
+        "--policy", choices=list(Policy), help="order of attempts (default failover)"
+    )
     parser.add_argument(
         "--greeting",
         metavar="PRESET|REGEX",
@@ -116,7 +116,7 @@ def _quick_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--check",
-        choices=[kind for kind in CHECK_KINDS if kind != "send"],
+        choices=[kind for kind in CheckKind if kind != CheckKind.SEND],
         help="active health check of every backend (default none)",
     )
     parser.add_argument("--check-interval", metavar="DURATION", help="default 2s")
@@ -130,7 +130,7 @@ def _quick_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-nodelay", action="store_true", help="leave Nagle's algorithm on")
     parser.add_argument(
         "--relay",
-        choices=RELAY_MODES,
+        choices=list(RelayMode),
         help="splice (Linux, zero-copy), copy, or auto: splice where available (default)",
     )
     parser.add_argument(
@@ -201,7 +201,7 @@ def _control_parser(command: str) -> argparse.ArgumentParser:
         }[command],
     )
     if command == "backend":
-        parser.add_argument("action", choices=("drain", "disable", "enable"))
+        parser.add_argument("action", choices=tuple(ADMIN_ACTIONS))
         parser.add_argument("target", metavar="SERVICE/BACKEND")
     parser.add_argument("-c", "--config", metavar="FILE", help="find the admin endpoint here")
     parser.add_argument("--admin", metavar="URL", help="admin endpoint, e.g. http://127.0.0.1:8404")

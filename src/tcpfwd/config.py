@@ -15,12 +15,15 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .patterns import Pattern, PatternError, compile_pattern
+from .vocabulary import AcceptProxy, CheckKind, Policy, RelayMode
 
 T = TypeVar("T")
+_Word = TypeVar("_Word", bound=StrEnum)
 
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -39,8 +42,6 @@ SYSLOG_FACILITIES = (
     "local7",
 )
 # How bytes are moved: "splice" (Linux, zero-copy through a pipe), "copy" (portable), or
-# "auto": splice where the system has it, else copy.
-RELAY_MODES = ("auto", "splice", "copy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +269,18 @@ def _choice(options: Sequence[str]) -> Callable[[object], str]:
     return parse
 
 
+def _word(words: type[_Word]) -> Callable[[object], _Word]:
+    """A choice among the members of ``words`` (see `vocabulary`), read as one."""
+    options = tuple(words)
+
+    def parse(value: object) -> _Word:
+        if not isinstance(value, str) or value not in options:
+            raise _Invalid(f"{value!r} is not one of: {', '.join(options)}")
+        return words(value)
+
+    return parse
+
+
 def _ip_address(value: object) -> str:
     if not isinstance(value, str):
         raise _Invalid(f"expected an IP address, got {_kind(value)}")
@@ -412,13 +425,13 @@ def _networks(value: object) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
-def _accept_proxy(value: object) -> str:
+def _accept_proxy(value: object) -> AcceptProxy:
     if value is True:
-        return ACCEPT_PROXY_REQUIRED
+        return AcceptProxy.REQUIRED
     if value is False:
-        return ACCEPT_PROXY_OFF
-    if value == ACCEPT_PROXY_OPTIONAL:
-        return ACCEPT_PROXY_OPTIONAL
+        return AcceptProxy.OFF
+    if value == AcceptProxy.OPTIONAL:
+        return AcceptProxy.OPTIONAL
     raise _Invalid(f"expected true, false or 'optional', got {value!r}")
 
 
@@ -431,11 +444,6 @@ def _kind(value: object) -> str:
 # --- the configuration objects --------------------------------------------------------
 
 
-# accept_proxy: whether clients of a service's listeners must start with a PROXY header.
-ACCEPT_PROXY_OFF = "off"
-ACCEPT_PROXY_REQUIRED = "required"
-# Trusted sources may also connect without a header (their own address is then used).
-ACCEPT_PROXY_OPTIONAL = "optional"
 SEND_PROXY_VERSIONS = {"v1": 1, "v2": 2}
 
 
@@ -449,8 +457,6 @@ class SendProxySettings:
     crc32c: bool = False
 
 
-POLICIES = ("failover", "round-robin", "least-connections", "random", "source-hash")
-CHECK_KINDS = ("none", "tcp", "send", "smtp")
 # Greeting presets for server-speaks-first protocols: the first line a ready server sends.
 GREETING_PRESETS = {
     "smtp": "^220[ -]",
@@ -468,8 +474,8 @@ class HealthSettings:
     passive: bool = True
     fall: int = 1
     rise: int = 2
-    # The active check: "none" means only a recovery probe while the backend is down.
-    check: str = "none"
+    # The active check: none means only a recovery probe while the backend is down.
+    check: CheckKind = CheckKind.NONE
     interval: float = 2.0
     timeout: float = 2.0
     send: str | None = None
@@ -479,7 +485,7 @@ class HealthSettings:
     @property
     def tracked(self) -> bool:
         """Whether health is kept at all (otherwise the backend is always up)."""
-        return self.passive or self.check != "none"
+        return self.passive or self.check != CheckKind.NONE
 
     @property
     def expect_pattern(self) -> Pattern | None:
@@ -532,7 +538,7 @@ class ServiceSettings:
     nodelay: bool = True
     # Per direction: how much may wait in user space before the other side is paused.
     buffer_size: int = 256 * 1024
-    relay: str = "auto"
+    relay: RelayMode = RelayMode.AUTO
     source_address: str | None = None
     backlog: int = 511
     # Access control on the client's address: deny wins; a non-empty allow list admits
@@ -547,7 +553,7 @@ class ServiceSettings:
     # Session places kept for this service that other services cannot take; None:
     # "auto", half of the daemon's capacity split evenly among its services.
     reserved_connections: int | None = None
-    policy: str = "failover"
+    policy: Policy = Policy.FAILOVER
     health: HealthSettings = field(default_factory=HealthSettings)
     greeting: GreetingSettings | None = None
     # Keep a client open while no backend can be reached, retrying; None: close at once.
@@ -563,7 +569,7 @@ class ServiceSettings:
     send_proxy: SendProxySettings | None = None
     # PROXY protocol in: only peers in trusted_sources may connect; their header's
     # source address then stands for the client everywhere.
-    accept_proxy: str = ACCEPT_PROXY_OFF
+    accept_proxy: AcceptProxy = AcceptProxy.OFF
     trusted_sources: tuple[IPNetwork, ...] = ()
     # How long a client may take to send its whole header.
     proxy_header_timeout: float = 3.0
@@ -629,7 +635,7 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "keepalive_count": _int_between(1, 127),
     "nodelay": _boolean,
     "buffer_size": _size,
-    "relay": _choice(RELAY_MODES),
+    "relay": _word(RelayMode),
     "source_address": _ip_address,
     "backlog": _int_between(1, 65535),
     "allow": _networks,
@@ -638,7 +644,7 @@ _SETTING_PARSERS: dict[str, Callable[[object], Any]] = {
     "max_connections_per_client": _optional_count,
     "accept_rate": _optional_rate,
     "reserved_connections": _reserve,
-    "policy": _choice(POLICIES),
+    "policy": _word(Policy),
     "hold_timeout": _optional_duration,
     "hedge": _boolean,
     "hedge_delay": _hedge_delay,
@@ -656,7 +662,7 @@ _HEALTH_PARSERS: dict[str, Callable[[object], Any]] = {
     "passive": _boolean,
     "fall": _int_between(1, 100),
     "rise": _int_between(1, 100),
-    "check": _choice(CHECK_KINDS),
+    "check": _word(CheckKind),
     "interval": _check_interval,
     "timeout": _positive_duration,
     "send": _text,
@@ -770,12 +776,12 @@ def _read_health(parent: _Table, base: HealthSettings) -> HealthSettings:
     health = replace(base, **changes)
     # Reported where the check kind is set, not again at every level that inherits it.
     missing_expect = health.expect is None and "expect" not in table.raw
-    if "check" in changes and health.check == "send" and missing_expect:
+    if "check" in changes and health.check == CheckKind.SEND and missing_expect:
         table.issues.append(
             ConfigIssue(table.key_path("check"), "check = 'send' needs 'expect' (a regex)")
         )
     for key in ("send", "expect"):
-        if key in changes and health.check != "send":
+        if key in changes and health.check != CheckKind.SEND:
             table.issues.append(ConfigIssue(table.key_path(key), "only used with check = 'send'"))
     return health
 
@@ -962,7 +968,7 @@ def _check_accept_proxy(table: _Table, settings: ServiceSettings) -> None:
     path = table.key_path("trusted_sources")
     if any(issue.path == path for issue in table.issues):
         return
-    if settings.accept_proxy != ACCEPT_PROXY_OFF and not settings.trusted_sources:
+    if settings.accept_proxy != AcceptProxy.OFF and not settings.trusted_sources:
         table.issues.append(
             ConfigIssue(
                 path,

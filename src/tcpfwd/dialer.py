@@ -34,29 +34,17 @@ from typing import TYPE_CHECKING, Final, Protocol
 from .config import SendProxySettings, format_hostport
 from .reactor import ERR, HUP, IN, RDHUP, RawSocket, Reactor, shared_address
 from .relay import BACKEND_EVENTS
-from .transparent import OUTCOME_TRANSPARENT_BIND, TransparentBindError, transparent_socket
+from .transparent import TransparentBindError, transparent_socket
+from .vocabulary import Outcome
 
 if TYPE_CHECKING:
     from .service import ServiceRuntime, Target
 
 log = logging.getLogger("tcpfwd")
 
-OUTCOME_OK: Final = "ok"
-OUTCOME_REFUSED: Final = "refused"
-OUTCOME_TIMEOUT: Final = "timeout"
-OUTCOME_UNREACHABLE: Final = "unreachable"
-OUTCOME_DNS: Final = "dns"
-OUTCOME_FAILOVER_TIMEOUT: Final = "failover_timeout"
 # The backend is at its max_connections: skipped without a connect.
-OUTCOME_FULL: Final = "full"
-OUTCOME_GREETING_TIMEOUT: Final = "greeting_timeout"
-OUTCOME_GREETING_CLOSED: Final = "greeting_closed"
-OUTCOME_GREETING_RESET: Final = "greeting_reset"
-OUTCOME_GREETING_TOO_LONG: Final = "greeting_too_long"
 # Followed by ":" and the greeting's first word, e.g. "greeting_mismatch:421".
-OUTCOME_GREETING_MISMATCH: Final = "greeting_mismatch"
 # Overtaken by a hedge: another backend answered first (the access line's word).
-OUTCOME_OVERTAKEN: Final = "overtaken"
 
 # Hedges: the delay is this many times the backend's slowest answer of late (a decaying
 # maximum, about its recent p99), and never less than the floor, so that a backend that
@@ -71,7 +59,7 @@ MAX_HEDGES_IN_FLIGHT: Final = 64
 
 # Outcomes that say nothing about the backend's health: the failover deadline cut the
 # attempt short, or our own socket could not be bound to the client's address.
-_NOT_THE_BACKENDS: Final = frozenset({OUTCOME_FAILOVER_TIMEOUT, OUTCOME_TRANSPARENT_BIND})
+_NOT_THE_BACKENDS: Final = frozenset({Outcome.FAILOVER_TIMEOUT, Outcome.TRANSPARENT_BIND})
 
 # A greeting's first line must end within this many bytes.
 MAX_GREETING_LINE: Final = 512
@@ -105,22 +93,22 @@ _CONNECTING, _GREETING_WAIT, _OVER = 1, 2, 3
 def describe_errno(code: int) -> str:
     """A short, stable word for why a connect failed, as it appears in the log."""
     if code == errno.ECONNREFUSED:
-        return OUTCOME_REFUSED
+        return Outcome.REFUSED
     if code == errno.ETIMEDOUT:
-        return OUTCOME_TIMEOUT
+        return Outcome.TIMEOUT
     if code in _UNREACHABLE:
-        return OUTCOME_UNREACHABLE
+        return Outcome.UNREACHABLE
     return errno.errorcode.get(code, str(code)).lower()
 
 
 def describe_failure(error: BaseException) -> str:
     """The same word for an exception (health checks, name resolution)."""
     if isinstance(error, TransparentBindError):
-        return OUTCOME_TRANSPARENT_BIND
+        return Outcome.TRANSPARENT_BIND
     if isinstance(error, TimeoutError):
-        return OUTCOME_TIMEOUT
+        return Outcome.TIMEOUT
     if isinstance(error, socket.gaierror):
-        return OUTCOME_DNS
+        return Outcome.DNS
     if isinstance(error, OSError) and error.errno is not None:
         return describe_errno(error.errno)
     return type(error).__name__
@@ -194,7 +182,7 @@ class Dial:
     _position = 0
     _addresses: Sequence[tuple[str, int]] | None = None
     _next_address = 0
-    _reason = OUTCOME_FAILOVER_TIMEOUT
+    _reason: str = Outcome.FAILOVER_TIMEOUT
     # The newest attempt, and the older ones a hedge overtook, still trying.
     _attempt: Attempt | None = None
     _racing: list[Attempt] | None = None
@@ -273,12 +261,12 @@ class Dial:
                 target = plan[self._position]
                 deadline = self.deadline
                 if deadline is not None and deadline <= time.monotonic():
-                    self.owner.attempt_failed(target, target.shown, OUTCOME_FAILOVER_TIMEOUT, 0.0)
+                    self.owner.attempt_failed(target, target.shown, Outcome.FAILOVER_TIMEOUT, 0.0)
                     self._position = len(plan)
                     self._exhausted()
                     return
                 if not service.acquire(target):
-                    self.owner.attempt_failed(target, target.shown, OUTCOME_FULL, 0.0)
+                    self.owner.attempt_failed(target, target.shown, Outcome.FULL, 0.0)
                     self._position += 1
                     continue
                 addresses = target.literal
@@ -294,7 +282,7 @@ class Dial:
                         return
                 self._addresses = addresses
                 self._next_address = 0
-                self._reason = OUTCOME_FAILOVER_TIMEOUT
+                self._reason = Outcome.FAILOVER_TIMEOUT
             target = plan[self._position]
             if self._next_address >= len(addresses):
                 self._backend_failed(target)
@@ -327,7 +315,7 @@ class Dial:
             self._pause = min(self._pause * 2, SHORTAGE_MAX_PAUSE)
             return True
         self._reason = outcome
-        if outcome == OUTCOME_FAILOVER_TIMEOUT:
+        if outcome == Outcome.FAILOVER_TIMEOUT:
             self._next_address = len(addresses)
         return False
 
@@ -355,8 +343,9 @@ class Dial:
                     target.host, target.port, settings.dns_ttl
                 )
         except (OSError, TimeoutError) as error:
+            outcome: str
             if isinstance(error, TimeoutError):
-                outcome = OUTCOME_FAILOVER_TIMEOUT if cut else OUTCOME_DNS
+                outcome = Outcome.FAILOVER_TIMEOUT if cut else Outcome.DNS
             else:
                 outcome = describe_failure(error)
             self._resolving = None
@@ -366,7 +355,7 @@ class Dial:
         self._resolving = None
         self._addresses = addresses
         self._next_address = 0
-        self._reason = OUTCOME_FAILOVER_TIMEOUT
+        self._reason = Outcome.FAILOVER_TIMEOUT
         self._safely_next()
 
     def _safely_next(self) -> None:
@@ -406,7 +395,7 @@ class Dial:
             return
         self._attempt = None
         self._reason = outcome
-        if outcome == OUTCOME_FAILOVER_TIMEOUT and self._addresses is not None:
+        if outcome == Outcome.FAILOVER_TIMEOUT and self._addresses is not None:
             self._next_address = len(self._addresses)
         self._next()
 
@@ -447,7 +436,7 @@ class Dial:
         for attempt in losers:
             attempt.detached = True
             self.owner.attempt_failed(
-                attempt.target, attempt.address, OUTCOME_OVERTAKEN, now - attempt.started
+                attempt.target, attempt.address, Outcome.OVERTAKEN, now - attempt.started
             )
             if attempt.state == _OVER:
                 # Answered too, later in the order: closed untouched.
@@ -614,7 +603,7 @@ class Attempt:
         if deadline is not None and deadline - started < budget:
             budget, self.cut = dial.budget(budget, started)
             if budget < MIN_ATTEMPT_TIME:
-                return self._failed_at_once(OUTCOME_FAILOVER_TIMEOUT)
+                return self._failed_at_once(Outcome.FAILOVER_TIMEOUT)
         remote = self.remote
         family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
         try:
@@ -626,7 +615,7 @@ class Attempt:
                 sock = RawSocket(family, _NONBLOCKING_STREAM)
         except TransparentBindError as error:
             log.debug("transparent bind for %s failed: %s", self.address, error)
-            return self._failed_at_once(OUTCOME_TRANSPARENT_BIND)
+            return self._failed_at_once(Outcome.TRANSPARENT_BIND)
         except OSError as error:
             code = error.errno or 0
             if code in SHORTAGE_ERRORS:
@@ -678,7 +667,7 @@ class Attempt:
         assert sock is not None
         if events & (ERR | HUP):
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            self._fail(describe_errno(code) if code else OUTCOME_REFUSED)
+            self._fail(describe_errno(code) if code else Outcome.REFUSED)
             return
         dial = self.dial
         service = dial.service
@@ -716,7 +705,7 @@ class Attempt:
             self._fail(describe_errno(error.errno or errno.EIO))
             return False
         if sent != len(header):
-            self._fail(OUTCOME_GREETING_RESET)
+            self._fail(Outcome.GREETING_RESET)
             return False
         return True
 
@@ -731,17 +720,17 @@ class Attempt:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                self._fail(OUTCOME_GREETING_RESET)
+                self._fail(Outcome.GREETING_RESET)
                 return
             if not data:
-                self._fail(OUTCOME_GREETING_CLOSED)
+                self._fail(Outcome.GREETING_CLOSED)
                 return
             greeting = self.greeting = self.greeting + data
             end = greeting.find(b"\n", 0, MAX_GREETING_LINE)
             if end >= 0:
                 break
             if len(greeting) >= MAX_GREETING_LINE:
-                self._fail(OUTCOME_GREETING_TOO_LONG)
+                self._fail(Outcome.GREETING_TOO_LONG)
                 return
         line = greeting[: end + 1]
         pattern = self.dial.service.greeting_pattern
@@ -754,7 +743,7 @@ class Attempt:
             self.dial.attempt_connected(self)
             return
         word = _FIRST_WORD.match(line)
-        self._fail(f"{OUTCOME_GREETING_MISMATCH}:{word.group().decode() if word else '?'}")
+        self._fail(f"{Outcome.GREETING_MISMATCH}:{word.group().decode() if word else '?'}")
 
     def is_new(self, now: float) -> bool:
         return self.state != _OVER
@@ -766,9 +755,9 @@ class Attempt:
             return
         if now >= self.deadline:
             if state == _CONNECTING:
-                self._fail(OUTCOME_FAILOVER_TIMEOUT if self.cut else OUTCOME_TIMEOUT)
+                self._fail(Outcome.FAILOVER_TIMEOUT if self.cut else Outcome.TIMEOUT)
             else:
-                self._fail(OUTCOME_FAILOVER_TIMEOUT if self.cut else OUTCOME_GREETING_TIMEOUT)
+                self._fail(Outcome.FAILOVER_TIMEOUT if self.cut else Outcome.GREETING_TIMEOUT)
             return
         if self.detached:
             return

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .metrics import ServiceStats
+from .vocabulary import Outcome
 
 STEP = 10.0
 POINTS = 360  # an hour of STEP-second buckets
@@ -70,7 +71,7 @@ def failed_attempts(stats: ServiceStats, backend: str | None = None) -> int:
         count
         for name in names
         for outcome, count in stats.backend(name).attempts.items()
-        if outcome != "ok"
+        if outcome != Outcome.OK
     )
 
 

@@ -46,11 +46,11 @@ from .process import (
     pid_file,
     require_capabilities,
 )
-from .service import ADMIN_ENABLED
 from .signals import handled_signals
 from .status import Overview, ServiceReading, history_samples, status_document
 from .systemd import Heartbeat, Notifier
 from .transparent import capability_problem
+from .vocabulary import AdminState
 
 if TYPE_CHECKING:
     from .admin import AdminServer
@@ -180,11 +180,11 @@ class Daemon(ABC, Generic[Opened]):
 
     @property
     @abstractmethod
-    def admin_states(self) -> dict[tuple[str, str], str]:
+    def admin_states(self) -> dict[tuple[str, str], AdminState]:
         """The operator's backend states by (service, backend); absent: enabled."""
 
     @abstractmethod
-    def backend_state_changed(self, service: str, backend: str, state: str) -> None:
+    def backend_state_changed(self, service: str, backend: str, state: AdminState) -> None:
         """Act on an operator's new backend state (already in ``admin_states``)."""
 
     # --- start-up --------------------------------------------------------------------
@@ -366,14 +366,14 @@ class Daemon(ABC, Generic[Opened]):
     def _history_samples(self) -> list[ServiceSample]:
         return history_samples(self.overview().services)
 
-    def set_backend_state(self, service: str, backend: str, state: str) -> str | None:
+    def set_backend_state(self, service: str, backend: str, state: AdminState) -> str | None:
         """Apply an operator's backend state; an error message, or None."""
         config = next((s for s in self.config.services if s.name == service), None)
         if config is None:
             return f"no service {service!r}"
         if all(b.name != backend for b in config.backends):
             return f"service {service!r} has no backend {backend!r}"
-        if state == ADMIN_ENABLED:
+        if state == AdminState.ENABLED:
             self.admin_states.pop((service, backend), None)
         else:
             self.admin_states[(service, backend)] = state

@@ -22,6 +22,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .vocabulary import AdminState, Outcome
+
 # Seconds: from a loopback connect to a long blackhole wait.
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -29,30 +31,15 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 
 
 # Attempt outcomes as the dialer words them (see the access log's ``failed=``), each its
-# own label value. Anything else is reduced to a word from a fixed set by
-# `outcome_label`, so that no backend can mint label values: the detail stays in the
-# access line.
-ATTEMPT_OUTCOMES = frozenset(
-    {
-        "ok",
-        "refused",
-        "timeout",
-        "unreachable",
-        "dns",
-        "failover_timeout",
-        "full",
-        "greeting_timeout",
-        "greeting_closed",
-        "greeting_reset",
-        "greeting_too_long",
-        "overtaken",
-        "transparent_bind",
-    }
-)
+# own label value, except a greeting mismatch, which carries the greeting's first word.
+# Anything else is reduced to a word from a fixed set by `outcome_label`, so that no
+# backend can mint label values: the detail stays in the access line.
+_GREETING_MISMATCH: Final = Outcome.GREETING_MISMATCH
+ATTEMPT_OUTCOMES: Final = frozenset(Outcome) - {_GREETING_MISMATCH}
 # Rarer failures are named by their errno, lower-cased: a fixed set too.
 _ERRNO_OUTCOMES = frozenset(name.lower() for name in errno.errorcode.values())
-OUTCOME_OTHER = "other"
-_GREETING_MISMATCH = "greeting_mismatch"
+# The label of an outcome of no known kind.
+OUTCOME_OTHER: Final = "other"
 
 
 def outcome_label(outcome: str) -> str:
@@ -203,9 +190,6 @@ class ServiceView(Protocol):
     def backend_views(self) -> Iterable[BackendView]: ...
 
 
-ADMIN_STATES = ("enabled", "draining", "disabled")
-
-
 class TcpfwdCollector(Collector):
     """Builds every tcpfwd metric family from the live services at scrape time."""
 
@@ -302,7 +286,7 @@ class TcpfwdCollector(Collector):
                     outcomes[outcome_label(outcome)] += count
                 for label, count in sorted(outcomes.items()):
                     attempts.add_metric([name, backend_name, label], count)
-                    if label != "ok":
+                    if label != Outcome.OK:
                         reasons[label] += count
             for reason, count in sorted(reasons.items()):
                 failovers.add_metric([name, reason], count)
@@ -314,7 +298,7 @@ class TcpfwdCollector(Collector):
                 hedges.add_metric([name, view.name], backend_stats.hedges)
                 hedge_wins.add_metric([name, view.name], backend_stats.hedge_wins)
                 suspect.add_metric([name, view.name], 1 if view.suspect else 0)
-                for state in ADMIN_STATES:
+                for state in AdminState:
                     admin.add_metric(
                         [name, view.name, state], 1 if view.admin_state == state else 0
                     )

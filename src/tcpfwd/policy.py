@@ -10,20 +10,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from hashlib import blake2b
 from math import log
 from operator import attrgetter
 
-__all__ = ["Candidate", "PolicyName", "Scheduler"]
+from .vocabulary import Policy
 
-
-class PolicyName(StrEnum):
-    FAILOVER = "failover"
-    ROUND_ROBIN = "round-robin"
-    LEAST_CONNECTIONS = "least-connections"
-    RANDOM = "random"
-    SOURCE_HASH = "source-hash"
+__all__ = ["Candidate", "Scheduler"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +58,8 @@ class Scheduler:
 
     __slots__ = ("_current", "_policy", "_rng", "_tick")
 
-    def __init__(self, policy: PolicyName, *, seed: int | None = None) -> None:
-        self._policy = PolicyName(policy)
+    def __init__(self, policy: Policy, *, seed: int | None = None) -> None:
+        self._policy = Policy(policy)
         self._rng = random.Random(seed)
         # Smooth weighted round-robin "current weight" per backend index (nginx's algorithm).
         self._current: dict[int, int] = {}
@@ -74,7 +67,7 @@ class Scheduler:
         self._tick = 0
 
     @property
-    def policy(self) -> PolicyName:
+    def policy(self) -> Policy:
         return self._policy
 
     def order(self, candidates: Sequence[Candidate], client_key: str = "") -> list[int]:
@@ -121,7 +114,7 @@ class Scheduler:
         out: list[int] = []
         if up:
             up.sort(key=_TIER_INDEX)
-            if self._policy is PolicyName.FAILOVER and all(c.weight > 0 for c in up):
+            if self._policy is Policy.FAILOVER and all(c.weight > 0 for c in up):
                 # Fast path: the configured order. Weight-0 (backup) backends need the
                 # per-tier split below, which orders each group by index for failover.
                 out.extend(c.index for c in up)
@@ -161,11 +154,11 @@ class Scheduler:
         policy = self._policy
         if len(group) == 1:
             out.append(group[0].index)
-        elif policy is PolicyName.ROUND_ROBIN:
+        elif policy is Policy.ROUND_ROBIN:
             first = self._smooth_wrr(group, unit)
             out.extend(c.index for c in group[first:])
             out.extend(c.index for c in group[:first])
-        elif policy is PolicyName.LEAST_CONNECTIONS:
+        elif policy is Policy.LEAST_CONNECTIONS:
             n = len(group)
             start = self._tick % n
             ranked = sorted(
@@ -176,7 +169,7 @@ class Scheduler:
                 ),
             )
             out.extend(group[i].index for i in ranked)
-        elif policy is PolicyName.RANDOM:
+        elif policy is Policy.RANDOM:
             if unit:
                 indices = [c.index for c in group]
                 self._rng.shuffle(indices)
@@ -187,7 +180,7 @@ class Scheduler:
                 expo = self._rng.expovariate
                 keyed = sorted((expo(c.weight), c.index) for c in group)
                 out.extend(index for _, index in keyed)
-        elif policy is PolicyName.SOURCE_HASH:
+        elif policy is Policy.SOURCE_HASH:
             out.extend(index for _, index in _rendezvous(group, unit, client_key))
         else:  # FAILOVER never gets here: order() handles it without grouping.
             out.extend(c.index for c in group)

@@ -22,11 +22,9 @@ from typing import Final
 
 from .config import IPNetwork
 from .proxy_protocol import V2_SIGNATURE, ProxyDecoder, ProxyHeader, ProxyProtocolError
+from .vocabulary import Reject
 
 # Why a connection was refused, as the access log's end word.
-END_UNTRUSTED: Final = "untrusted_source"
-END_BAD_HEADER: Final = "bad_proxy_header"
-END_HEADER_TIMEOUT: Final = "proxy_header_timeout"
 
 _V1_SIGNATURE: Final = b"PROXY "
 
@@ -36,7 +34,7 @@ HostPort = tuple[str, int]
 class HeaderRejected(Exception):
     """The client's header is unacceptable; ``end`` is the log word, ``reason`` why."""
 
-    def __init__(self, end: str, reason: str) -> None:
+    def __init__(self, end: Reject, reason: str) -> None:
         super().__init__(f"{end}: {reason}")
         self.end = end
         self.reason = reason
@@ -126,13 +124,13 @@ class HeaderReader:
         try:
             header = self._decoder.feed(data)
         except ProxyProtocolError as error:
-            raise HeaderRejected(END_BAD_HEADER, str(error)) from None
+            raise HeaderRejected(Reject.BAD_PROXY_HEADER, str(error)) from None
         if header is None:
             return None
         if header.transport == "DGRAM":
             # Addresses of a UDP flow cannot describe this TCP client.
             raise HeaderRejected(
-                END_BAD_HEADER, f"v2: {header.family} over UDP on a TCP connection"
+                Reject.BAD_PROXY_HEADER, f"v2: {header.family} over UDP on a TCP connection"
             )
         return header, self._decoder.remainder
 
@@ -145,13 +143,13 @@ class HeaderReader:
         try:
             self._decoder.feed_eof()
         except ProxyProtocolError as error:
-            raise HeaderRejected(END_BAD_HEADER, str(error)) from None
-        raise HeaderRejected(END_BAD_HEADER, "connection ended within the header")
+            raise HeaderRejected(Reject.BAD_PROXY_HEADER, str(error)) from None
+        raise HeaderRejected(Reject.BAD_PROXY_HEADER, "connection ended within the header")
 
     def timed_out(self, timeout: float) -> tuple[None, bytes]:
         if self._undecided:
             return None, self._held
         raise HeaderRejected(
-            END_HEADER_TIMEOUT,
+            Reject.PROXY_HEADER_TIMEOUT,
             f"no complete header within {timeout:g}s ({self.received} bytes received)",
         )

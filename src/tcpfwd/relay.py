@@ -42,19 +42,14 @@ import struct
 from typing import TYPE_CHECKING, Final
 
 from .reactor import DONTWAIT, EDGE, ERR, HUP, IN, OUT, RDHUP, RawSocket
-from .splice import RELAY_COPY, RELAY_SPLICE, ROUNDS_PER_WAKEUP, SPLICE_FLAGS, PipePool
+from .splice import ROUNDS_PER_WAKEUP, SPLICE_FLAGS, PipePool
+from .vocabulary import End, EndWord, RelayMode
 
 if TYPE_CHECKING:
     from .reactor import Reactor
     from .splice import Pipe
 
 # Why a relay ended, first cause wins; these words appear in the access log.
-END_CLIENT_CLOSED: Final = "client_closed"
-END_BACKEND_CLOSED: Final = "backend_closed"
-END_CLIENT_RESET: Final = "client_reset"
-END_BACKEND_RESET: Final = "backend_reset"
-END_IDLE_TIMEOUT: Final = "idle_timeout"
-END_SHUTDOWN: Final = "shutdown"
 
 # Bytes read at once (at most the service's buffer_size).
 CHUNK: Final = 64 << 10
@@ -70,7 +65,7 @@ CLIENT_EVENTS_WRITING: Final = IN | OUT | RDHUP | EDGE
 BACKEND_EVENTS: Final = IN | OUT | RDHUP | EDGE
 
 _RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
-_CLOSED_WORDS: Final = (END_CLIENT_CLOSED, END_BACKEND_CLOSED)
+_CLOSED_WORDS: Final = (End.CLIENT_CLOSED, End.BACKEND_CLOSED)
 _TRY_READ: Final = IN | RDHUP | ERR | HUP
 _TRY_WRITE: Final = OUT | ERR | HUP
 
@@ -135,7 +130,7 @@ class Relay:
     pool: PipePool
     chunk: int
     cmask: int
-    end: str | None
+    end: End | None
     spliced: bool
 
     def _start_relay(  # noqa: PLR0917 - called once per session: positional is cheaper
@@ -181,7 +176,7 @@ class Relay:
         if backend_readable and self.reactor is not None and down.pending is None:
             self._pump(down)
 
-    def _finish(self, end: str) -> None:
+    def _finish(self, end: EndWord) -> None:
         """Both sockets are closed: say how the session ended."""
         raise NotImplementedError
 
@@ -245,10 +240,10 @@ class Relay:
         """How the bytes moved, as the access log names it."""
         up, down = self.up, self.down
         if up.received >= up.splice_at or down.received >= down.splice_at:
-            return RELAY_SPLICE
-        return RELAY_COPY
+            return RelayMode.SPLICE
+        return RelayMode.COPY
 
-    def shutdown(self, reason: str = END_SHUTDOWN) -> None:
+    def shutdown(self, reason: End = End.SHUTDOWN) -> None:
         """Close both sides now (grace period over, idle timeout, backend disabled)."""
         if self.end is None or self.end in _CLOSED_WORDS:
             self.end = reason
@@ -416,7 +411,7 @@ class Relay:
         """The source sent its EOF: pass it on once nothing of it waits any more."""
         flow.eof = True
         if self.end is None:
-            self.end = END_CLIENT_CLOSED if flow is self.up else END_BACKEND_CLOSED
+            self.end = End.CLIENT_CLOSED if flow is self.up else End.BACKEND_CLOSED
         if flow.pending is not None or flow.pipe is not None:
             return
         other = self.down if flow is self.up else self.up
@@ -437,7 +432,7 @@ class Relay:
         client = fd == up.src_fd
         # A reset after a half-close is still a reset: it is what ended the session.
         if self.end is None or self.end in _CLOSED_WORDS:
-            self.end = END_CLIENT_RESET if client else END_BACKEND_RESET
+            self.end = End.CLIENT_RESET if client else End.BACKEND_RESET
         other = up.dst if client else up.src
         with contextlib.suppress(OSError):
             other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
@@ -465,4 +460,4 @@ class Relay:
         closed.add(fd)
         up.src.close()
         up.dst.close()
-        self._finish(self.end or END_CLIENT_CLOSED)
+        self._finish(self.end or End.CLIENT_CLOSED)

@@ -35,16 +35,11 @@ from .process import (
 )
 from .reactor import RawSocket, Reactor
 from .resolver import Resolver
-from .service import ADMIN_DISABLED, DaemonState, ServiceRuntime
+from .service import DaemonState, ServiceRuntime
 from .session import Session, turn_away
-from .splice import (
-    DESCRIPTORS_PER_SESSION,
-    RELAY_SPLICE,
-    PipePool,
-    choose_relay,
-    splice_available,
-)
+from .splice import DESCRIPTORS_PER_SESSION, PipePool, choose_relay, splice_available
 from .status import BackendReading, Overview, ServiceReading, daemon_figures, health_detail
+from .vocabulary import AdminState, RelayMode
 
 log = logging.getLogger("tcpfwd")
 
@@ -89,14 +84,14 @@ class Server(Daemon[Opened]):
         return self.daemon.sessions
 
     @property
-    def admin_states(self) -> dict[tuple[str, str], str]:
+    def admin_states(self) -> dict[tuple[str, str], AdminState]:
         return self.daemon.admin_states
 
     def service_stats(self) -> dict[str, ServiceStats]:
         return {name: runtime.stats for name, runtime in self.services.items()}
 
     def _capacity_for(self, config: Config) -> int:
-        spliced = any(choose_relay(s.settings.relay) == RELAY_SPLICE for s in config.services)
+        spliced = any(choose_relay(s.settings.relay) == RelayMode.SPLICE for s in config.services)
         # Every pipe the pool may open holds two descriptors, whichever session uses it.
         pipes = self.pipes.limit if self.pipes.limit is not None else self.pipes.keep
         return session_capacity(
@@ -192,8 +187,8 @@ class Server(Daemon[Opened]):
         if runtime is not None:
             runtime.stats.backend(key[1]).check_seconds.observe(seconds)
 
-    def backend_state_changed(self, service: str, backend: str, state: str) -> None:
-        if state != ADMIN_DISABLED:
+    def backend_state_changed(self, service: str, backend: str, state: AdminState) -> None:
+        if state != AdminState.DISABLED:
             return
         for session in list(self.sessions):
             target = session.backend
@@ -209,7 +204,7 @@ class Server(Daemon[Opened]):
         self.daemon.on_idle = self._idle.set
         self.access_log.batch_with(self.reactor.after_batch)
         for service_config in self.config.services:
-            if service_config.settings.relay == RELAY_SPLICE and not splice_available():
+            if service_config.settings.relay == RelayMode.SPLICE and not splice_available():
                 log.warning(
                     "service %s: relay = splice is not available here; using copy",
                     service_config.name,

@@ -36,17 +36,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .accesslog import AccessLog, AttemptResult, SessionRecord, format_timestamp
-from .config import ACCEPT_PROXY_OFF, BackendConfig, ServiceConfig, format_hostport
-from .dialer import HEDGE_FACTOR, HEDGE_FLOOR, OUTCOME_OK, SocketOptions, keepalive_options
+from .config import BackendConfig, ServiceConfig, format_hostport
+from .dialer import HEDGE_FACTOR, HEDGE_FLOOR, SocketOptions, keepalive_options
 from .health import BackendHealth
 from .metrics import BackendStats, ServiceStats, outcome_label
 from .monitor import HealthMonitor
-from .policy import Candidate, PolicyName, Scheduler
-from .proxy_accept import END_UNTRUSTED, is_trusted
+from .policy import Candidate, Scheduler
+from .proxy_accept import is_trusted
 from .relay import CHUNK
 from .resolver import Resolver, is_ip_literal
 from .sockdiag import socket_exists
-from .splice import RELAY_COPY, RELAY_SPLICE, PipePool, choose_relay
+from .splice import PipePool, choose_relay
+from .vocabulary import AcceptProxy, AdminState, Outcome, Policy, Reject, RelayMode
 
 if TYPE_CHECKING:
     from .reactor import RawSocket, Reactor
@@ -54,16 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tcpfwd")
 
 # Why a connection was closed before it became a session; counted per service.
-REJECT_DENIED: Final = "denied"
-REJECT_SERVICE_LIMIT: Final = "service_limit"
-REJECT_CLIENT_LIMIT: Final = "client_limit"
-REJECT_GLOBAL_LIMIT: Final = "global_limit"
 # The peer is one of tcpfwd's own connections to a backend: the backend is tcpfwd.
-REJECT_LOOP: Final = "loop"
 
-ADMIN_ENABLED: Final = "enabled"
-ADMIN_DRAINING: Final = "draining"
-ADMIN_DISABLED: Final = "disabled"
 RECENT_FAILOVERS: Final = 50
 
 # A turned-away connection is logged at most this often per service and cause.
@@ -147,9 +140,9 @@ class RejectLog:
     __slots__ = ("_entries",)
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, str], list[Any]] = {}
+        self._entries: dict[tuple[str, Reject], list[Any]] = {}
 
-    def note(self, service: str, cause: str, peer: str, reason: str) -> None:
+    def note(self, service: str, cause: Reject, peer: str, reason: str) -> None:
         entry = self._entries.get((service, cause))
         if entry is None:
             entry = self._entries[(service, cause)] = [0, -REJECT_LOG_INTERVAL]
@@ -259,7 +252,7 @@ class DaemonState:
         # The data plane's epoll and timers; set once the event loop runs.
         self.reactor: Reactor | None = None
         # Administrative state by (service, backend); absent means enabled.
-        self.admin_states: dict[tuple[str, str], str] = {}
+        self.admin_states: dict[tuple[str, str], AdminState] = {}
         self.recent_failovers: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILOVERS)
         # Live sessions (of every service, old runtimes included).
         self.sessions: set[Any] = set()
@@ -385,7 +378,7 @@ class ServiceRuntime:
         self.access_log = daemon.access_log
         # Counters, live counts included, outlive a reload of the service.
         self.stats = stats or ServiceStats()
-        self.scheduler = Scheduler(PolicyName(settings.policy))
+        self.scheduler = Scheduler(settings.policy)
         self._monitor = monitor
         health = monitor.register(config)
         self.targets = tuple(
@@ -395,9 +388,9 @@ class ServiceRuntime:
         self._by_name = {target.name: target for target in self.targets}
         self.relay = choose_relay(settings.relay)
         # Where splicing starts, in bytes moved by one direction.
-        if self.relay == RELAY_COPY:
+        if self.relay == RelayMode.COPY:
             self.splice_after = NEVER
-        elif settings.relay == RELAY_SPLICE:
+        elif settings.relay == RelayMode.SPLICE:
             self.splice_after = 0
         else:
             self.splice_after = SPLICE_AFTER_AUTO
@@ -424,7 +417,7 @@ class ServiceRuntime:
         greeting = settings.greeting
         self.greeting_pattern = greeting.pattern if greeting else None
         self.per_client_limit = settings.max_connections_per_client
-        self.checks_addresses = settings.accept_proxy == ACCEPT_PROXY_OFF and bool(
+        self.checks_addresses = settings.accept_proxy == AcceptProxy.OFF and bool(
             settings.allow or settings.deny or self.per_client_limit is not None
         )
         # Hedged attempts (see dialer.Dial): whether, when, and how many run now.
@@ -434,7 +427,7 @@ class ServiceRuntime:
         self.hedging = 0
         # Nothing to judge but the daemon's own limits (the usual case).
         self.open_door = (
-            settings.accept_proxy == ACCEPT_PROXY_OFF
+            settings.accept_proxy == AcceptProxy.OFF
             and settings.max_connections is None
             and not self.checks_addresses
         )
@@ -443,10 +436,10 @@ class ServiceRuntime:
         # configured order: worked out once here rather than per connection. Services
         # where a backend has max_connections never take the shortcut (fullness is live).
         self._all_up_order: tuple[Target, ...] | None = None
-        if self.scheduler.policy is PolicyName.FAILOVER and all(
+        if self.scheduler.policy is Policy.FAILOVER and all(
             b.max_connections is None for b in config.backends
         ):
-            order = Scheduler(PolicyName.FAILOVER).order(self._candidates_all_up())
+            order = Scheduler(Policy.FAILOVER).order(self._candidates_all_up())
             self._all_up_order = tuple(self.targets[i] for i in order)
         # Sessions in relay, for the idle sweep (only services with an idle timeout).
         self.relaying: set[Any] = set()
@@ -471,8 +464,8 @@ class ServiceRuntime:
         """An attempt to it is overdue (only where its health is kept at all)."""
         return target.overdue > 0 and target.health is not None and self.hedges
 
-    def admin_state(self, backend: str) -> str:
-        return self.daemon.admin_states.get((self.name, backend), ADMIN_ENABLED)
+    def admin_state(self, backend: str) -> AdminState:
+        return self.daemon.admin_states.get((self.name, backend), AdminState.ENABLED)
 
     def target(self, name: str) -> Target | None:
         return self._by_name.get(name)
@@ -550,7 +543,7 @@ class ServiceRuntime:
 
     def admit(
         self, peer: tuple[str, int], sock: RawSocket, listening: Address | None
-    ) -> tuple[str, str] | None:
+    ) -> tuple[Reject, str] | None:
         """Why a connection from ``peer`` must be turned away (cause, reason), or None.
 
         Where clients come through a PROXY header, the peer is the header's sender (a
@@ -559,33 +552,33 @@ class ServiceRuntime:
         """
         daemon = self.daemon
         if peer in daemon.outgoing.by_local and _is_own(daemon, peer, sock, listening):
-            return REJECT_LOOP, (
+            return Reject.LOOP, (
                 "it is tcpfwd's own connection to a backend: a backend of this daemon "
                 "leads back to one of its listeners"
             )
         limit = daemon.max_connections
         if self.open_door:
             if limit is not None and len(daemon.sessions) >= limit:
-                return REJECT_GLOBAL_LIMIT, f"global max_connections = {limit}"
+                return Reject.GLOBAL_LIMIT, f"global max_connections = {limit}"
             return None
         settings = self.settings
-        if settings.accept_proxy != ACCEPT_PROXY_OFF and not is_trusted(
+        if settings.accept_proxy != AcceptProxy.OFF and not is_trusted(
             peer[0], settings.trusted_sources
         ):
             # Decided on the raw peer before reading a byte: its claims are never heard.
-            return END_UNTRUSTED, "not in trusted_sources"
+            return Reject.UNTRUSTED_SOURCE, "not in trusted_sources"
         stats = self.stats
         if settings.max_connections is not None and stats.active >= settings.max_connections:
-            return REJECT_SERVICE_LIMIT, f"max_connections = {settings.max_connections}"
+            return Reject.SERVICE_LIMIT, f"max_connections = {settings.max_connections}"
         if limit is not None and len(daemon.sessions) >= limit:
-            return REJECT_GLOBAL_LIMIT, f"global max_connections = {limit}"
+            return Reject.GLOBAL_LIMIT, f"global max_connections = {limit}"
         if self.checks_addresses:
             return self._judge(peer[0], 0)
         return None
 
     def readmit(
         self, counted: str | None, client_ip: str
-    ) -> tuple[str | None, tuple[str, str] | None]:
+    ) -> tuple[str | None, tuple[Reject, str] | None]:
         """A PROXY header named the real client: the address now counted for it, and why
         it must be turned away (cause, reason), or None."""
         if counted is not None:
@@ -596,7 +589,7 @@ class ServiceRuntime:
             counted = client_ip
         return counted, self._judge(client_ip, 1)
 
-    def _judge(self, client_ip: str, already: int) -> tuple[str, str] | None:
+    def _judge(self, client_ip: str, already: int) -> tuple[Reject, str] | None:
         """Access lists and the per-client limit; ``already``: this client is counted."""
         settings = self.settings
         if settings.allow or settings.deny:
@@ -604,15 +597,15 @@ class ServiceRuntime:
             if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
                 address = address.ipv4_mapped
             if any(address in network for network in settings.deny):
-                return REJECT_DENIED, "in deny"
+                return Reject.DENIED, "in deny"
             if settings.allow and not any(address in net for net in settings.allow):
-                return REJECT_DENIED, "not in allow"
+                return Reject.DENIED, "not in allow"
         limit = self.per_client_limit
         if limit is not None and self.stats.per_client.get(client_ip, 0) - already >= limit:
-            return REJECT_CLIENT_LIMIT, f"max_connections_per_client = {limit}"
+            return Reject.CLIENT_LIMIT, f"max_connections_per_client = {limit}"
         return None
 
-    def turned_away(self, cause: str, peer: tuple[str, int], reason: str) -> None:
+    def turned_away(self, cause: Reject, peer: tuple[str, int], reason: str) -> None:
         self.stats.rejected[cause] += 1
         self.daemon.rejects.note(self.name, cause, format_hostport(peer[0], peer[1]), reason)
 
@@ -659,7 +652,7 @@ class ServiceRuntime:
             stats.bytes_from_backend += record.from_backend
             backend = target.stats
             backend.active -= 1
-            backend.attempts[OUTCOME_OK] += 1
+            backend.attempts[Outcome.OK] += 1
             backend.sessions += 1
         connect = record.connect_time
         if connect is not None:

@@ -30,15 +30,15 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from .accesslog import AttemptResult, SessionRecord
-from .config import ACCEPT_PROXY_OFF, ACCEPT_PROXY_OPTIONAL, SendProxySettings, format_hostport
+from .config import SendProxySettings, format_hostport
 from .dialer import Attempt, Dial, apply_options
 from .proxy_accept import ClientGone, HeaderReader, HeaderRejected, addresses_of
 from .proxy_protocol import ProxyHeader
 from .proxy_send import SessionHeaders
 from .reactor import DONTWAIT, EDGE, ERR, HUP, IN, RDHUP, RawSocket
-from .relay import END_CLIENT_CLOSED, END_IDLE_TIMEOUT, END_SHUTDOWN, UNWATCHED, Relay
+from .relay import UNWATCHED, Relay
 from .service import NEW_CONNECTION
-from .splice import RELAY_COPY, RELAY_SPLICE
+from .vocabulary import AcceptProxy, End, EndWord, Reject, RelayMode
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -46,9 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tcpfwd")
 
-END_NO_BACKEND: Final = "no_backend"
-END_CLIENT_ABORTED: Final = "client_aborted"
-END_ERROR: Final = "internal_error"
 
 # Hold mode: pauses between passes over the backends, doubling up to the maximum.
 HOLD_FIRST_PAUSE: Final = 0.25
@@ -164,10 +161,10 @@ class Session(Relay):
         )
         service.daemon.session_started(self, service)
         settings = service.settings
-        if settings.accept_proxy != ACCEPT_PROXY_OFF:
+        if settings.accept_proxy != AcceptProxy.OFF:
             self.stage = _HEADER
             self._reader: HeaderReader | None = HeaderReader(
-                optional=settings.accept_proxy == ACCEPT_PROXY_OPTIONAL
+                optional=settings.accept_proxy == AcceptProxy.OPTIONAL
             )
             self._watch_client(_READING_HEADER)
             reactor = self.reactor
@@ -241,9 +238,9 @@ class Session(Relay):
 
     def on_failure(self, error: BaseException) -> None:
         if self.stage == _RELAYING:
-            self.shutdown("internal_error")
+            self.shutdown(End.INTERNAL_ERROR)
         elif self.stage != _ENDED:
-            self._abandon(END_ERROR)
+            self._abandon(End.INTERNAL_ERROR)
 
     def _watch_client(self, mask: int) -> None:
         """Watch the client's socket before the relay (edge-triggered, as the relay does:
@@ -258,7 +255,7 @@ class Session(Relay):
     def _client_stirred(self, events: int) -> None:
         """The client's socket spoke while no backend is joined: has the client left?"""
         if events & (ERR | HUP):
-            self._abandon(END_CLIENT_ABORTED)
+            self._abandon(End.CLIENT_ABORTED)
             return
         if events & RDHUP:
             self.client_eof = True
@@ -266,7 +263,7 @@ class Session(Relay):
                 # While held, an EOF counts as leaving too (as HAProxy's abortonclose): a
                 # client that has heard nothing from us and stopped sending is almost
                 # always gone, and a FIN cannot be told from a half-close without writing.
-                self._abandon(END_CLIENT_ABORTED)
+                self._abandon(End.CLIENT_ABORTED)
                 return
             # A half-close after the request: it waits in the socket for the relay.
 
@@ -298,7 +295,7 @@ class Session(Relay):
         except HeaderRejected as rejected:
             self._refuse(rejected.end, rejected.reason)
         except ClientGone as gone:
-            self._abandon(END_CLIENT_ABORTED if gone.reset else END_CLIENT_CLOSED)
+            self._abandon(End.CLIENT_ABORTED if gone.reset else End.CLIENT_CLOSED)
 
     def _header_done(self, header: ProxyHeader | None, rest: bytes) -> None:
         """The header is read (or there is none): adopt its addresses, then dial."""
@@ -381,12 +378,12 @@ class Session(Relay):
         if hold is None or waited >= hold:
             if hold is not None:
                 self._held = waited
-            self._abandon(END_NO_BACKEND)
+            self._abandon(End.NO_BACKEND)
             return
         # Held: the client waits, its bytes kept in its socket; its leaving ends it.
         self._held = waited
         if self.client_eof:
-            self._abandon(END_CLIENT_ABORTED)
+            self._abandon(End.CLIENT_ABORTED)
             return
         self.stage = _HELD
         self._watch_client(_LEAVING)
@@ -409,9 +406,9 @@ class Session(Relay):
     def abort(self) -> None:
         """End the session now (the grace period after a stop request is over)."""
         if self.stage == _RELAYING:
-            self.shutdown(END_SHUTDOWN)
+            self.shutdown(End.SHUTDOWN)
         elif self.stage != _ENDED:
-            self._abandon(END_SHUTDOWN)
+            self._abandon(End.SHUTDOWN)
 
     def idle_check(self) -> None:
         """One sweep of the idle timeout (a quarter of it): four quiet ones in a row end it."""
@@ -424,14 +421,14 @@ class Session(Relay):
             return
         self.idle_ticks += 1
         if self.idle_ticks >= 4:
-            self.shutdown(END_IDLE_TIMEOUT)
+            self.shutdown(End.IDLE_TIMEOUT)
 
-    def _refuse(self, cause: str, reason: str) -> None:
+    def _refuse(self, cause: Reject, reason: str) -> None:
         """Turned away after acceptance (a bad header, a client the header named)."""
         self.service.turned_away(cause, self.peer, reason)
         self._abandon(cause)
 
-    def _abandon(self, end: str) -> None:
+    def _abandon(self, end: EndWord) -> None:
         """End before (or instead of) the relay: close what is open."""
         dial = self._dial
         if dial is not None:
@@ -443,13 +440,13 @@ class Session(Relay):
             assert reactor is not None
             reactor.forget(sock.fileno())
             self.cmask = UNWATCHED
-        if end == END_CLIENT_ABORTED:
+        if end == End.CLIENT_ABORTED:
             sock.close()
         else:
             turn_away(sock)
         self._finish(end)
 
-    def _finish(self, end: str) -> None:
+    def _finish(self, end: EndWord) -> None:
         self.stage = _ENDED
         service = self.service
         daemon = service.daemon
@@ -465,7 +462,7 @@ class Session(Relay):
         daemon.session_ended(self)
         service.access_log.emit(record)
 
-    def _record(self, end: str, target: Target | None) -> SessionRecord:
+    def _record(self, end: EndWord, target: Target | None) -> SessionRecord:
         elapsed = time.monotonic() - self._began
         peer = self.peer
         client = self.client
@@ -518,9 +515,9 @@ class Session(Relay):
             self._omitted,
             up.received,
             down.received,
-            RELAY_SPLICE
+            RelayMode.SPLICE
             if up.received >= up.splice_at or down.received >= down.splice_at
-            else RELAY_COPY,
+            else RelayMode.COPY,
             elapsed,
             end,
             via,

@@ -14,14 +14,15 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .config import Config
 from .health import UNKNOWN
 from .metrics import ServiceStats, add_stats, stats_to_dict
-from .service import ADMIN_ENABLED, RECENT_FAILOVERS
+from .service import RECENT_FAILOVERS
 from .status import DETAIL_KEYS, BackendReading, Overview, ServiceReading
+from .vocabulary import AdminState
 
 log = logging.getLogger("tcpfwd")
 
@@ -120,7 +121,10 @@ class Snapshots:
         return merged
 
     def overview(
-        self, snapshots: list[Snapshot], config: Config, admin_states: dict[tuple[str, str], str]
+        self,
+        snapshots: list[Snapshot],
+        config: Config,
+        admin_states: Mapping[tuple[str, str], AdminState],
     ) -> Overview:
         """Every worker's services summed, as one daemon's."""
         merged = self._merged(snapshots, config)
@@ -140,7 +144,7 @@ class Snapshots:
                     BackendReading(
                         name=backend.name,
                         address=str(backend.address),
-                        admin_state=admin_states.get(key, ADMIN_ENABLED),
+                        admin_state=admin_states.get(key, AdminState.ENABLED),
                         active=stats.backend(backend.name).active,
                         health=entry.get("health", UNKNOWN),
                         suspect=key in suspects,

@@ -18,10 +18,10 @@ import os
 import sys
 from typing import Final
 
+from .vocabulary import RelayMode
+
 log = logging.getLogger("tcpfwd")
 
-RELAY_SPLICE: Final = "splice"
-RELAY_COPY: Final = "copy"
 
 # Bytes per pipe: at most what one splice call moves, and what may wait in the kernel
 # per direction (as buffer_size does for the copy relay). Measured on loopback, 256 KiB
@@ -56,9 +56,9 @@ def splice_available() -> bool:
 
 def choose_relay(mode: str) -> str:
     """The relay a service uses: ``auto`` becomes splice where available, else copy."""
-    if mode == RELAY_COPY or not splice_available():
-        return RELAY_COPY
-    return RELAY_SPLICE
+    if mode == RelayMode.COPY or not splice_available():
+        return RelayMode.COPY
+    return RelayMode.SPLICE
 
 
 class Pipe:

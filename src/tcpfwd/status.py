@@ -21,10 +21,10 @@ from typing import Any
 
 from . import __version__
 from .config import Config
-from .dialer import OUTCOME_OK
 from .health import BackendHealth, HealthState
 from .history import ServiceSample, service_sample
 from .metrics import DaemonFigures, ServiceStats, WorkerFigures, service_summary
+from .vocabulary import AdminState, Outcome
 
 __all__ = [
     "BackendReading",
@@ -46,7 +46,7 @@ class BackendReading:
 
     name: str
     address: str
-    admin_state: str
+    admin_state: AdminState
     # Attempts and sessions in progress on it (the service's counters say the rest).
     active: int
     # up, down or unknown
@@ -99,7 +99,7 @@ def _backend_entry(backend: BackendReading, stats: ServiceStats) -> dict[str, An
         "admin_state": backend.admin_state,
         "active": backend.active,
         "sessions_total": counted.sessions,
-        "failed_attempts": sum(n for o, n in counted.attempts.items() if o != OUTCOME_OK),
+        "failed_attempts": sum(n for o, n in counted.attempts.items() if o != Outcome.OK),
         "attempts": dict(counted.attempts),
         **backend.detail,
     }

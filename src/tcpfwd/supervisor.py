@@ -33,6 +33,7 @@ from .lifecycle import ConfigDiff, Daemon, run
 from .metrics import DaemonFigures, WorkerFigures
 from .snapshots import Snapshot, Snapshots
 from .status import Overview, daemon_figures
+from .vocabulary import AdminState
 from .workerprocess import ListenOrders, WorkerProcess
 
 log = logging.getLogger("tcpfwd")
@@ -63,12 +64,12 @@ class Supervisor(Daemon[Opened]):
         # Listening sockets by address, then by worker: shared ones appear in every slot.
         self.sockets: Opened = {}
         # Desired administrative states, given to every worker, new ones included.
-        self._admin_states: dict[tuple[str, str], str] = {}
+        self._admin_states: dict[tuple[str, str], AdminState] = {}
         self.snapshots = Snapshots()
         self._stop_deadline: float | None = None
 
     @property
-    def admin_states(self) -> dict[tuple[str, str], str]:
+    def admin_states(self) -> dict[tuple[str, str], AdminState]:
         return self._admin_states
 
     def _live(self) -> int:

@@ -33,7 +33,6 @@ import socket
 from .config import Config
 
 __all__ = [
-    "OUTCOME_TRANSPARENT_BIND",
     "TransparentBindError",
     "capability_problem",
     "has_transparent_capability",
@@ -42,7 +41,6 @@ __all__ = [
 ]
 
 # The attempt outcome of a failed transparent bind, as the access log and metrics show it.
-OUTCOME_TRANSPARENT_BIND = "transparent_bind"
 
 # From linux/capability.h.
 CAP_NET_ADMIN = 12
@@ -62,7 +60,7 @@ class TransparentBindError(OSError):
 
     An ``OSError`` (with the errno behind it), so that code handling connect failures
     in general still handles it; told apart by its type, its reason word being
-    ``OUTCOME_TRANSPARENT_BIND``.
+    ``Outcome.TRANSPARENT_BIND``.
     """
 
 

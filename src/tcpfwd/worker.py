@@ -26,6 +26,7 @@ from .lifecycle import serve_in_new_loop
 from .metrics import stats_to_dict
 from .server import Server
 from .snapshots import read_snapshot, snapshot_path, write_snapshot
+from .vocabulary import AdminState
 
 log = logging.getLogger("tcpfwd")
 
@@ -143,7 +144,9 @@ class WorkerLink:
         elif op == "reload":
             self._reload(message, _sockets(descriptors))
         elif op == "admin":
-            self.server.set_backend_state(message["service"], message["backend"], message["state"])
+            self.server.set_backend_state(
+                message["service"], message["backend"], AdminState(message["state"])
+            )
         else:
             for fd in descriptors:
                 os.close(fd)
@@ -170,7 +173,7 @@ def run_worker(
     for service, host, port, descriptors in spec.listen:
         server.listeners.give((service, Address(host, port)), _sockets(descriptors))
     for service, backend, state in spec.admin:
-        server.admin_states[(service, backend)] = state
+        server.admin_states[(service, backend)] = AdminState(state)
     server.bind()
     server.listeners.close_given()
     link = WorkerLink(server, spec)

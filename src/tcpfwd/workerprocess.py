@@ -24,7 +24,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from . import control
 from .control import WORKER_ENV, Message, WorkerSpec
@@ -81,10 +81,12 @@ class WorkerProcess:
         """Started and not yet found exited."""
         return self.process is not None
 
-    def spawn(self, runtime: str, listen: ListenOrders, admin: list[tuple[str, str, str]]) -> bool:
+    def spawn(
+        self, runtime: str, listen: ListenOrders, admin: Sequence[tuple[str, str, str]]
+    ) -> bool:
         """Start the process with these orders; False (and a restart later) if it cannot."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        spec = WorkerSpec(self.index, theirs.fileno(), runtime, listen, admin)
+        spec = WorkerSpec(self.index, theirs.fileno(), runtime, listen, list(admin))
         env = {k: v for k, v in os.environ.items() if k not in SUPERVISOR_ONLY}
         env[WORKER_ENV] = spec.encode()
         descriptors = [theirs.fileno(), *(fd for *_, group in listen for fd in group)]
