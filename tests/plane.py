@@ -14,11 +14,12 @@ from typing import Any
 
 from tcpfwd.accesslog import AccessLog, SessionRecord
 from tcpfwd.config import parse_config
+from tcpfwd.daemonstate import DaemonState
 from tcpfwd.health import HealthTable
 from tcpfwd.monitor import HealthMonitor
 from tcpfwd.reactor import RawSocket, Reactor
 from tcpfwd.resolver import Resolver
-from tcpfwd.service import DaemonState, ServiceRuntime
+from tcpfwd.service import ServiceRuntime
 from tcpfwd.session import Session
 
 CLIENT = ("192.0.2.10", 40000)

@@ -14,7 +14,7 @@ import pytest
 
 from plane import Plane
 from support import connect, echo_server, exchange, recv_exactly, write_config
-from tcpfwd.service import OwnConnections
+from tcpfwd.daemonstate import OwnConnections
 from tcpfwd.vocabulary import Reject
 
 

@@ -6,10 +6,11 @@ from typing import Any
 
 from tcpfwd.accesslog import AccessLog
 from tcpfwd.config import parse_config
+from tcpfwd.daemonstate import DaemonState
 from tcpfwd.health import HealthState, HealthTable
 from tcpfwd.monitor import HealthKey, HealthMonitor
 from tcpfwd.resolver import Resolver
-from tcpfwd.service import DaemonState, ServiceRuntime
+from tcpfwd.service import ServiceRuntime
 
 
 def runtime(backends: list[Any], **settings: Any) -> tuple[ServiceRuntime, HealthTable[HealthKey]]:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from .patterns import Pattern, PatternError, compile_pattern
 from .vocabulary import AcceptProxy, CheckKind, Policy, RelayMode
@@ -72,9 +72,9 @@ class _Invalid(ValueError):
 # --- addresses ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A host (name, IPv4 or IPv6 literal, or "" for every interface) and a port."""
+class Address(NamedTuple):
+    """A `HostPort` as configured: the host is a name, an IPv4 or IPv6 literal, or ""
+    for every interface."""
 
     host: str
     port: int

@@ -35,7 +35,7 @@ from .config import SendProxySettings, format_hostport
 from .reactor import ERR, HUP, IN, RDHUP, RawSocket, Reactor, shared_address
 from .relay import BACKEND_EVENTS
 from .transparent import TransparentBindError, transparent_socket
-from .vocabulary import Outcome
+from .vocabulary import HostPort, Outcome
 
 if TYPE_CHECKING:
     from .service import ServiceRuntime, Target
@@ -146,7 +146,7 @@ class DialOwner(Protocol):
     service: ServiceRuntime
 
     @property
-    def client(self) -> tuple[str, int]:
+    def client(self) -> HostPort:
         """The client: its address is the source of transparent connections."""
 
     def proxy_header(self, settings: SendProxySettings) -> bytes | None:
@@ -180,7 +180,7 @@ class Dial:
     # Where in the plan, and the addresses of the backend being tried (its place is
     # held while they are set).
     _position = 0
-    _addresses: Sequence[tuple[str, int]] | None = None
+    _addresses: Sequence[HostPort] | None = None
     _next_address = 0
     _reason: str = Outcome.FAILOVER_TIMEOUT
     # The newest attempt, and the older ones a hedge overtook, still trying.
@@ -306,7 +306,7 @@ class Dial:
         self._position = len(self.plan) + 1
         self.owner.dial_failed()
 
-    def _settle(self, outcome: str, addresses: Sequence[tuple[str, int]]) -> bool:
+    def _settle(self, outcome: str, addresses: Sequence[HostPort]) -> bool:
         """An attempt failed at once: True if the sequence must wait (a retry is timed)."""
         if outcome in _SHORTAGE_WORDS:
             # Our descriptors, not the backend: try the same address again soon.
@@ -563,7 +563,7 @@ class Attempt:
     greeting = b""
     sock: RawSocket | None = None
     fd = -1
-    local: tuple[str, int] | None = None
+    local: HostPort | None = None
     # The connection had bytes to read when it was joined (its event came already).
     readable = False
     # Made from the client's address (transparent mode).
@@ -582,7 +582,7 @@ class Attempt:
     extra = False
     header_sent = False
 
-    def __init__(self, dial: Dial, target: Target, remote: tuple[str, int], rank: int) -> None:
+    def __init__(self, dial: Dial, target: Target, remote: HostPort, rank: int) -> None:
         self.dial = dial
         self.target = target
         self.remote = remote

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Address, format_hostport
 from .reactor import IN, RawSocket, shared_address
+from .vocabulary import HostPort
 
 if TYPE_CHECKING:
     from .reactor import Reactor
@@ -90,7 +91,7 @@ class Listener:
     def __init__(
         self,
         sock: socket.socket,
-        on_connection: Callable[[Listener, RawSocket, tuple[str, int]], None],
+        on_connection: Callable[[Listener, RawSocket, HostPort], None],
     ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
@@ -99,7 +100,7 @@ class Listener:
         sockname = sock.getsockname()
         self.name = format_hostport(str(sockname[0]), int(sockname[1]))
         # The address connections arrive on; None for a wildcard (any address of ours).
-        self.address: tuple[str, int] | None = (
+        self.address: HostPort | None = (
             None if sockname[0] in ("0.0.0.0", "::") else (sockname[0], sockname[1])
         )
         # The service whose clients this listener takes (set by the daemon).

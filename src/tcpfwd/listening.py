@@ -18,10 +18,11 @@ from .dialer import apply_options
 from .listener import Listener, open_listening_sockets
 from .reactor import RawSocket, Reactor
 from .service import ServiceRuntime
+from .vocabulary import HostPort
 
 log = logging.getLogger("tcpfwd")
 
-Accepted = Callable[[Listener, RawSocket, tuple[str, int]], None]
+Accepted = Callable[[Listener, RawSocket, HostPort], None]
 
 
 class Listeners:

@@ -22,13 +22,11 @@ from typing import Final
 
 from .config import IPNetwork
 from .proxy_protocol import V2_SIGNATURE, ProxyDecoder, ProxyHeader, ProxyProtocolError
-from .vocabulary import Reject
+from .vocabulary import HostPort, Reject
 
 # Why a connection was refused, as the access log's end word.
 
 _V1_SIGNATURE: Final = b"PROXY "
-
-HostPort = tuple[str, int]
 
 
 class HeaderRejected(Exception):

@@ -55,6 +55,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from .vocabulary import HostPort
+
 __all__ = [
     "DEFAULT_MAX_V2_LENGTH",
     "MAX_V2_LENGTH",
@@ -79,7 +81,7 @@ __all__ = [
     "V1_MAX_LENGTH",
     "V2_HEADER_LENGTH",
     "V2_SIGNATURE",
-    "Address",
+    "HeaderAddress",
     "Command",
     "Family",
     "ProxyDecoder",
@@ -99,7 +101,7 @@ Command = Literal["PROXY", "LOCAL"]
 Family = Literal["TCP4", "TCP6", "UNIX", "UNSPEC"]
 Transport = Literal["STREAM", "DGRAM", "UNSPEC"]
 #: ``(ip, port)`` for TCP4/TCP6, a path for UNIX.
-Address = tuple[str, int] | str
+HeaderAddress = HostPort | str
 
 V1_MAX_LENGTH: Final = 107
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -261,8 +263,8 @@ class ProxyHeader:
     command: Command
     family: Family
     transport: Transport
-    source: Address | None
-    destination: Address | None
+    source: HeaderAddress | None
+    destination: HeaderAddress | None
     tlvs: tuple[TLV, ...] = ()
 
     def get_tlv(self, tlv_type: int) -> bytes | None:
@@ -349,7 +351,7 @@ def _inet_pair(source: object, destination: object, version: int) -> tuple[_IP, 
     return src_ip, src_port, dst_ip, dst_port
 
 
-def encode_v1(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
+def encode_v1(source: HostPort, destination: HostPort) -> bytes:
     """A v1 ``PROXY TCP4|TCP6 ...`` line; the family follows the addresses."""
     src_ip, src_port, dst_ip, dst_port = _inet_pair(source, destination, 1)
     family = "TCP4" if src_ip.version == 4 else "TCP6"
@@ -418,8 +420,8 @@ def _pack_tlvs(tlvs: Sequence[TLV]) -> bytes:
 
 
 def encode_v2(
-    source: Address | None = None,
-    destination: Address | None = None,
+    source: HeaderAddress | None = None,
+    destination: HeaderAddress | None = None,
     *,
     command: Command = "PROXY",
     tlvs: Sequence[TLV] = (),
@@ -563,8 +565,8 @@ def _parse_v2(header: bytes) -> ProxyHeader:
     command = _V2_COMMANDS[ver_cmd & 0x0F]
     family, transport, block_len = _V2_FAMILIES[fam_byte]
     block = header[V2_HEADER_LENGTH : V2_HEADER_LENGTH + block_len]
-    source: Address | None = None
-    destination: Address | None = None
+    source: HeaderAddress | None = None
+    destination: HeaderAddress | None = None
     if command == "LOCAL":
         # "discard the protocol block including the family which is ignored"
         family, transport = "UNSPEC", "UNSPEC"

@@ -27,20 +27,19 @@ from typing import Any, Final
 
 from .config import SendProxySettings
 from .proxy_protocol import TLV, TLV_UNIQUE_ID, UNIQUE_ID_MAX_LENGTH, encode_v1, encode_v2
+from .vocabulary import HostPort
 
 __all__ = ["POSTFIX_MAX_HEADER", "SessionHeaders", "header_for", "proxy_header_for_check"]
 
 # Postfix reads the header with one recv(MSG_PEEK) of this many bytes (HAPROXY_HEADER_MAX_LEN).
 POSTFIX_MAX_HEADER: Final = 536
 
-Endpoint = tuple[str, int]
-
 
 def _plain(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(host.split("%", 1)[0])
 
 
-def _one_family(source: Endpoint, destination: Endpoint) -> tuple[Endpoint, Endpoint]:
+def _one_family(source: HostPort, destination: HostPort) -> tuple[HostPort, HostPort]:
     """Both addresses in one family: IPv4 becomes IPv4-mapped IPv6 next to IPv6."""
     src, dst = _plain(source[0]), _plain(destination[0])
     if src.version != dst.version:
@@ -53,8 +52,8 @@ def _one_family(source: Endpoint, destination: Endpoint) -> tuple[Endpoint, Endp
 
 def header_for(
     settings: SendProxySettings,
-    source: Endpoint,
-    destination: Endpoint,
+    source: HostPort,
+    destination: HostPort,
     unique_id: bytes = b"",
 ) -> bytes:
     """The header announcing a client ``source`` that connected to ``destination``."""
@@ -76,7 +75,7 @@ class SessionHeaders:
 
     __slots__ = ("_built", "destination", "source", "unique_id")
 
-    def __init__(self, source: Endpoint, destination: Endpoint, unique_id: bytes) -> None:
+    def __init__(self, source: HostPort, destination: HostPort, unique_id: bytes) -> None:
         self.source = source
         self.destination = destination
         self.unique_id = unique_id

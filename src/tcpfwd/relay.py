@@ -36,13 +36,12 @@ more to move carries on in the next turn of the loop, after other sessions had t
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import struct
 from typing import TYPE_CHECKING, Final
 
 from .reactor import DONTWAIT, EDGE, ERR, HUP, IN, OUT, RDHUP, RawSocket
-from .splice import ROUNDS_PER_WAKEUP, SPLICE_FLAGS, PipePool
+from .splice import PipePool, Splicing
 from .vocabulary import End, EndWord, RelayMode
 
 if TYPE_CHECKING:
@@ -66,6 +65,9 @@ BACKEND_EVENTS: Final = IN | OUT | RDHUP | EDGE
 
 _RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 _CLOSED_WORDS: Final = (End.CLIENT_CLOSED, End.BACKEND_CLOSED)
+# The words every session needs, taken from their enum once: on Python 3.11 a member's
+# lookup on its class goes through EnumType.__getattr__, a dozen times a global's cost.
+_CLIENT_CLOSED, _BACKEND_CLOSED = _CLOSED_WORDS
 _TRY_READ: Final = IN | RDHUP | ERR | HUP
 _TRY_WRITE: Final = OUT | ERR | HUP
 
@@ -113,7 +115,7 @@ class Flow:
         self.shut = False
 
 
-class Relay:
+class Relay(Splicing):
     """Two sockets joined. The session derives from this; see the module docstring.
 
     Once ``_start_relay`` has run, the reactor sends the events of both sockets to
@@ -121,7 +123,7 @@ class Relay:
     are closed.
     """
 
-    __slots__ = ("chunk", "cmask", "down", "end", "pool", "reactor", "spliced", "up")
+    __slots__ = ("chunk", "cmask", "down", "end", "pool", "reactor", "up")
 
     # Set by _start_relay.
     up: Flow
@@ -131,7 +133,6 @@ class Relay:
     chunk: int
     cmask: int
     end: End | None
-    spliced: bool
 
     def _start_relay(  # noqa: PLR0917 - called once per session: positional is cheaper
         self,
@@ -294,54 +295,6 @@ class Relay:
                 return
         self._later(flow)
 
-    def _splice(self, flow: Flow) -> None:
-        pipe = flow.pipe
-        if pipe is None:
-            pipe = self.pool.take()
-            if pipe is None:
-                # No pipe to be had (budget, descriptors, quota): copy this chunk.
-                self._copy(flow, 1, drain=True)
-                return
-            flow.pipe = pipe
-            if not self.spliced:
-                # splice(2) waits on a socket in blocking mode, whatever its flags say.
-                self.spliced = True
-                flow.src.setblocking(False)
-                flow.dst.setblocking(False)
-        for _ in range(ROUNDS_PER_WAKEUP):
-            try:
-                moved = os.splice(flow.src_fd, pipe.write_fd, pipe.size, flags=SPLICE_FLAGS)
-            except (BlockingIOError, InterruptedError):
-                # Drained: wait for the source's next event.
-                flow.pipe = None
-                self.pool.release(pipe)
-                return
-            except OSError:
-                self._broken(flow.src_fd)
-                return
-            if not moved:
-                flow.pipe = None
-                self.pool.release(pipe)
-                self._eof(flow)
-                return
-            flow.received += moved
-            pipe.pending = moved
-            try:
-                pipe.pending -= os.splice(pipe.read_fd, flow.dst_fd, moved, flags=SPLICE_FLAGS)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                self._broken(flow.dst_fd)
-                return
-            if pipe.pending:
-                # The destination is full: wait until it drains, reading nothing.
-                self._wait_for(flow, None)
-                return
-        # More may wait (a splice can stop short of what the source holds).
-        flow.pipe = None
-        self.pool.release(pipe)
-        self._later(flow)
-
     def _wait_for(self, flow: Flow, rest: memoryview | None) -> None:
         """The destination is full: hold the rest until it can take more."""
         if rest is not None:
@@ -387,21 +340,8 @@ class Relay:
                 flow.pending = pending[sent:]
                 return
             flow.pending = None
-        pipe = flow.pipe
-        if pipe is not None:
-            try:
-                pipe.pending -= os.splice(
-                    pipe.read_fd, flow.dst_fd, pipe.pending, flags=SPLICE_FLAGS
-                )
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._broken(flow.dst_fd)
-                return
-            if pipe.pending:
-                return
-            flow.pipe = None
-            self.pool.release(pipe)
+        if flow.pipe is not None and not self._drain_pipe(flow):
+            return
         if flow.eof:
             self._eof(flow)
         else:
@@ -411,7 +351,7 @@ class Relay:
         """The source sent its EOF: pass it on once nothing of it waits any more."""
         flow.eof = True
         if self.end is None:
-            self.end = End.CLIENT_CLOSED if flow is self.up else End.BACKEND_CLOSED
+            self.end = _CLIENT_CLOSED if flow is self.up else _BACKEND_CLOSED
         if flow.pending is not None or flow.pipe is not None:
             return
         other = self.down if flow is self.up else self.up

@@ -25,10 +25,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .vocabulary import HostPort
+
 # How long a failed lookup is remembered; short, so a fixed DNS record is seen soon.
 NEGATIVE_TTL = 5.0
 
-Addresses = tuple[tuple[str, int], ...]
+Addresses = tuple[HostPort, ...]
 GetAddrInfo = Callable[..., Awaitable[list[tuple[Any, ...]]]]
 
 
@@ -60,8 +62,8 @@ class Resolver:
         """``getaddrinfo`` and ``clock`` default to the running loop's (tests pass fakes)."""
         self._getaddrinfo = getaddrinfo
         self._clock = clock
-        self._entries: dict[tuple[str, int], _Entry] = {}
-        self._pending: dict[tuple[str, int], asyncio.Future[Addresses]] = {}
+        self._entries: dict[HostPort, _Entry] = {}
+        self._pending: dict[HostPort, asyncio.Future[Addresses]] = {}
 
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
@@ -101,7 +103,7 @@ class Resolver:
         # the query the other callers are waiting on.
         return await asyncio.shield(self._lookup(key, ttl))
 
-    def _lookup(self, key: tuple[str, int], ttl: float) -> asyncio.Future[Addresses]:
+    def _lookup(self, key: HostPort, ttl: float) -> asyncio.Future[Addresses]:
         pending = self._pending.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._query(key, ttl))
@@ -109,13 +111,13 @@ class Resolver:
             pending.add_done_callback(functools.partial(self._done, key))
         return pending
 
-    def _done(self, key: tuple[str, int], future: asyncio.Future[Addresses]) -> None:
+    def _done(self, key: HostPort, future: asyncio.Future[Addresses]) -> None:
         self._pending.pop(key, None)
         if not future.cancelled():
             # Retrieved here so an unawaited background refresh never logs a warning.
             future.exception()
 
-    async def _query(self, key: tuple[str, int], ttl: float) -> Addresses:
+    async def _query(self, key: HostPort, ttl: float) -> Addresses:
         host, port = key
         getaddrinfo = self._getaddrinfo or asyncio.get_running_loop().getaddrinfo
         try:
@@ -129,7 +131,7 @@ class Resolver:
                 return old.addresses
             self._entries[key] = _Entry(None, error, self._now() + NEGATIVE_TTL)
             raise
-        addresses: list[tuple[str, int]] = []
+        addresses: list[HostPort] = []
         for _family, _type, _proto, _name, sockaddr in infos:
             address = (str(sockaddr[0]), int(sockaddr[1]))
             if address not in addresses:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from .accesslog import AccessLog
 from .binding import ListenKey
 from .config import Config
+from .daemonstate import DaemonState
 from .health import HealthTable, shown_state
 from .lifecycle import ConfigDiff, Daemon
 from .listener import Listener, ListenError
@@ -35,11 +36,11 @@ from .process import (
 )
 from .reactor import RawSocket, Reactor
 from .resolver import Resolver
-from .service import DaemonState, ServiceRuntime
+from .service import ServiceRuntime
 from .session import Session, turn_away
 from .splice import DESCRIPTORS_PER_SESSION, PipePool, choose_relay, splice_available
 from .status import BackendReading, Overview, ServiceReading, daemon_figures, health_detail
-from .vocabulary import AdminState, RelayMode
+from .vocabulary import AdminState, HostPort, RelayMode
 
 log = logging.getLogger("tcpfwd")
 
@@ -150,7 +151,7 @@ class Server(Daemon[Opened]):
 
     # --- connections -----------------------------------------------------------------
 
-    def _accepted(self, listener: Listener, sock: RawSocket, peer: tuple[str, int]) -> None:
+    def _accepted(self, listener: Listener, sock: RawSocket, peer: HostPort) -> None:
         service: ServiceRuntime = listener.service
         refused = service.admit(peer, sock, listener.address)
         if refused is not None:

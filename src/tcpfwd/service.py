@@ -1,26 +1,11 @@
-"""One service at run time, and what every service of the daemon shares.
+"""One service at run time.
 
 A `ServiceRuntime` is where policy, health and the operator meet for one service:
 ``plan()`` orders its backends (`Target`: a backend with everything worked out once),
-``admit()`` decides whether a new connection may become a session, and the session's
-outcome is counted here when it ends. A reload builds new runtimes for changed
-services; sessions in flight keep the one they started with, and the counters
-(`ServiceStats`) carry over.
-
-`DaemonState` is what all services share: the data plane's reactor and pipes, the access
-log, the operator's backend states, the live sessions and how many may be live at once,
-the addresses of tcpfwd's own outgoing connections (a connection that arrives from one
-of them is tcpfwd talking to itself), and the one throttled log of turned-away clients.
-
-Admission, in one place and in this order: a connection from one of our own outgoing
-connections (a loop); a peer that is not trusted to send a PROXY header where one is
-expected; the service's and the daemon's limits; the access lists and the per-client
-limit (on the real client: where a PROXY header names it, ``readmit`` applies them
-again once it is known). Places are shared fairly: each service keeps a reserve of the
-daemon's session capacity that the others cannot take (``reserved_connections``), so a
-service flooded by clients, or looping through another box, cannot starve the rest;
-a service that has used up what it may take stops accepting until places free up, and
-its new clients wait in its listen queue, as every client does at full capacity.
+``admit()`` (see `~.admission`) decides whether a new connection may become a session,
+and the session's outcome is counted here when it ends. A reload builds new runtimes
+for changed services; sessions in flight keep the one they started with, and the
+counters (`ServiceStats`) carry over. What all services share is the `DaemonState`.
 """
 
 from __future__ import annotations
@@ -28,62 +13,34 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import time
 from bisect import bisect_left
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
 
-from .accesslog import AccessLog, AttemptResult, SessionRecord, format_timestamp
-from .config import BackendConfig, ServiceConfig, format_hostport
+from .accesslog import AttemptResult, SessionRecord, format_timestamp
+from .admission import Admission
+from .config import BackendConfig, ServiceConfig
 from .dialer import HEDGE_FACTOR, HEDGE_FLOOR, SocketOptions, keepalive_options
 from .health import BackendHealth
 from .metrics import BackendStats, ServiceStats, outcome_label
 from .monitor import HealthMonitor
 from .policy import Candidate, Scheduler
-from .proxy_accept import is_trusted
 from .relay import CHUNK
 from .resolver import Resolver, is_ip_literal
-from .sockdiag import socket_exists
-from .splice import PipePool, choose_relay
-from .vocabulary import AcceptProxy, AdminState, Outcome, Policy, Reject, RelayMode
+from .splice import choose_relay
+from .vocabulary import AcceptProxy, AdminState, HostPort, Outcome, Policy, RelayMode
 
 if TYPE_CHECKING:
-    from .reactor import RawSocket, Reactor
+    from .daemonstate import DaemonState
 
 log = logging.getLogger("tcpfwd")
-
-# Why a connection was closed before it became a session; counted per service.
-# The peer is one of tcpfwd's own connections to a backend: the backend is tcpfwd.
-
-RECENT_FAILOVERS: Final = 50
-
-# A turned-away connection is logged at most this often per service and cause.
-REJECT_LOG_INTERVAL: Final = 10.0
-
-# TCP keepalive towards a backend is switched on once a session has lived this long
-# (one to two of these): it only matters after its idle time (a minute by default),
-# and the many short sessions are spared four system calls each.
-KEEPALIVE_AFTER: Final = 1.0
 
 # "auto": copy until a direction has moved this much, then splice it (a short session
 # does not pay for a pipe); "splice": splice from the first byte.
 SPLICE_AFTER_AUTO: Final = 256 << 10
 NEVER: Final = 1 << 62
-
-
-@dataclass(slots=True)
-class BackendView:
-    """A backend as the status page and metrics see it right now."""
-
-    name: str
-    address: str
-    up: bool
-    admin_state: str
-    active: int
-    # An attempt to it is overdue: new sessions try it after the others.
-    suspect: bool = False
+# Taken from its enum once (see relay._CLOSED_WORDS).
+_OK: Final = Outcome.OK
 
 
 class Target:
@@ -122,7 +79,7 @@ class Target:
         self.overdue = 0
         # An IP literal needs no resolver: its one address, worked out once (written as
         # the kernel writes it, so that it compares equal to a socket's own address).
-        self.literal: tuple[tuple[str, int], ...] | None = (
+        self.literal: tuple[HostPort, ...] | None = (
             ((str(ipaddress.ip_address(self.host)), self.port),)
             if is_ip_literal(self.host)
             else None
@@ -132,233 +89,7 @@ class Target:
         return f"Target({self.name})"
 
 
-class RejectLog:
-    """Turned-away connections, logged at most every ``REJECT_LOG_INTERVAL`` seconds per
-    service and cause, with the count since the last line: a flood from one source must
-    not flood the log."""
-
-    __slots__ = ("_entries",)
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple[str, Reject], list[Any]] = {}
-
-    def note(self, service: str, cause: Reject, peer: str, reason: str) -> None:
-        entry = self._entries.get((service, cause))
-        if entry is None:
-            entry = self._entries[(service, cause)] = [0, -REJECT_LOG_INTERVAL]
-        entry[0] += 1
-        now = time.monotonic()
-        if now - entry[1] >= REJECT_LOG_INTERVAL:
-            log.warning(
-                "service %s turned away %d connection(s) (%s), the latest from %s: %s",
-                service,
-                entry[0],
-                cause,
-                peer,
-                reason,
-            )
-            entry[0] = 0
-            entry[1] = now
-
-
-Address = tuple[str, int]
-
-
-class Outgoing(Protocol):
-    """One of tcpfwd's own connections to a backend: an attempt, then its session."""
-
-    @property
-    def remote(self) -> Address: ...
-
-    def is_new(self, now: float) -> bool:
-        """Still connecting, or just connected and nothing heard back yet."""
-
-
-# A connection of ours counts as new for this long after it connected, at most.
-NEW_CONNECTION: Final = 1.0
-
-
-class OwnConnections:
-    """tcpfwd's own connections to backends, by their local address.
-
-    A connection accepted from one of these local addresses may be tcpfwd talking to
-    itself: certainly so when it arrived on the very address that connection of ours
-    was made to (a backend that is one of our listeners); and so when that connection
-    of ours is new and no socket on this host has the two addresses the arrival shows
-    (a box in the path, NAT or port forward, sent ours back: the kernel knows our
-    socket by the address it connected to). A local address alone would not say so:
-    the kernel gives one local port to several connections to different destinations,
-    and a client on this host may well come from a port that a connection of ours to
-    another host also uses; its own socket then has those two addresses.
-    """
-
-    __slots__ = ("by_local", "shared")
-
-    def __init__(self) -> None:
-        # One connection per local address (of several, any).
-        self.by_local: dict[Address, Outgoing] = {}
-        # Local addresses that several of our connections share, with all of them.
-        self.shared: dict[Address, list[Outgoing]] = {}
-
-    def add(self, local: Address, owner: Outgoing) -> None:
-        first = self.by_local.setdefault(local, owner)
-        if first is not owner:
-            self.shared.setdefault(local, [first]).append(owner)
-
-    def hand_over(self, local: Address, old: Outgoing, new: Outgoing) -> None:
-        """The connection from ``local`` is now ``new``'s (an attempt became a session)."""
-        shared = self.shared.get(local)
-        if shared is not None:
-            shared[shared.index(old)] = new
-            self.by_local[local] = shared[0]
-        elif self.by_local.get(local) is old:
-            self.by_local[local] = new
-
-    def discard(self, local: Address, owner: Outgoing) -> None:
-        shared = self.shared.get(local)
-        if shared is not None:
-            shared.remove(owner)
-            self.by_local[local] = shared[0]
-            if len(shared) == 1:
-                del self.shared[local]
-            return
-        if self.by_local.get(local) is owner:
-            del self.by_local[local]
-
-    def is_loop(self, peer: Address, arrived_on: Address, now: float) -> bool:
-        """Whether a connection from ``peer`` that arrived on ``arrived_on`` is ours."""
-        shared = self.shared.get(peer)
-        owners = shared if shared is not None else [self.by_local[peer]]
-        if any(o.remote == arrived_on for o in owners):
-            return True
-        if not any(o.is_new(now) for o in owners):
-            return False
-        # A client on this host that happens to use the same local port has a socket
-        # of its own with these two addresses; ours, sent back by a box in the path,
-        # has the address it connected to before translation: no socket has these.
-        return socket_exists(peer, arrived_on) is False
-
-    def __len__(self) -> int:
-        return len(self.by_local) + sum(len(s) - 1 for s in self.shared.values())
-
-
-class DaemonState:
-    """What every service shares with the daemon, across reloads."""
-
-    def __init__(self, access_log: AccessLog, pipes: PipePool | None = None) -> None:
-        self.access_log = access_log
-        # Idle pipes of the splice relay, shared by every service.
-        self.pipes = pipes if pipes is not None else PipePool(keep=0)
-        # The data plane's epoll and timers; set once the event loop runs.
-        self.reactor: Reactor | None = None
-        # Administrative state by (service, backend); absent means enabled.
-        self.admin_states: dict[tuple[str, str], AdminState] = {}
-        self.recent_failovers: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILOVERS)
-        # Live sessions (of every service, old runtimes included).
-        self.sessions: set[Any] = set()
-        # Sessions the descriptors allow; the global max_connections turns away beyond.
-        self.capacity = 1 << 30
-        self.max_connections: int | None = None
-        # Every connection we have open to a backend (or are opening).
-        self.outgoing = OwnConnections()
-        self.rejects = RejectLog()
-        # The current services, for their fair shares of the capacity.
-        self.services: Sequence[ServiceRuntime] = ()
-        # Told when a service may accept again, or must stop (True: hold); None: all.
-        self.on_hold: Callable[[ServiceRuntime | None, bool], None] = _no_hold
-        # Told when the last live session has ended.
-        self.on_idle: Callable[[], None] | None = None
-        self._all_held = False
-        self._held: set[ServiceRuntime] = set()
-        # Sessions joined in this keepalive period and in the one before, and whether
-        # the next period is timed.
-        self._young: list[Any] = []
-        self._older: list[Any] = []
-        self._growing = False
-
-    def grow_up(self, session: Any) -> None:
-        """Tell ``session`` once it has lived for ``KEEPALIVE_AFTER`` (up to twice that):
-        one timer for all of them, instead of one per session."""
-        self._young.append(session)
-        if not self._growing and self.reactor is not None:
-            self._growing = True
-            self.reactor.loop.call_later(KEEPALIVE_AFTER, self._grown)
-
-    def _grown(self) -> None:
-        older, self._older, self._young = self._older, self._young, []
-        for session in older:
-            session.grown_up()
-        if self._older and self.reactor is not None:
-            self.reactor.loop.call_later(KEEPALIVE_AFTER, self._grown)
-        else:
-            self._growing = False
-
-    # --- places ----------------------------------------------------------------------
-
-    def set_services(self, services: Sequence[ServiceRuntime]) -> None:
-        """The current services: their reserves are worked out from the capacity."""
-        self.services = tuple(services)
-        count = len(self.services)
-        for service in self.services:
-            wanted = service.settings.reserved_connections
-            if wanted is None:
-                # Half of the places are split evenly; the other half is first come.
-                service.reserve = self.capacity // (2 * count) if count > 1 else 0
-            else:
-                service.reserve = wanted
-        self.recheck()
-
-    def allowance(self, service: ServiceRuntime) -> int:
-        """How many sessions ``service`` may have now: the capacity less what the other
-        services have reserved and not used."""
-        unused = 0
-        for other in self.services:
-            if other is not service and other.reserve:
-                unused += max(0, other.reserve - other.stats.active)
-        return self.capacity - unused
-
-    def session_started(self, session: Any, service: ServiceRuntime) -> None:
-        sessions = self.sessions
-        sessions.add(session)
-        if len(sessions) >= self.capacity:
-            if not self._all_held:
-                self._all_held = True
-                self.on_hold(None, True)
-        elif (
-            len(self.services) > 1
-            and service not in self._held
-            and service.stats.active >= self.allowance(service)
-        ):
-            self._held.add(service)
-            self.on_hold(service, True)
-
-    def session_ended(self, session: Any) -> None:
-        sessions = self.sessions
-        sessions.discard(session)
-        if self._all_held or self._held:
-            self.recheck()
-        if not sessions and self.on_idle is not None:
-            self.on_idle()
-
-    def recheck(self) -> None:
-        """Let services that were held accept again where places have freed up."""
-        if self._all_held and len(self.sessions) < self.capacity:
-            self._all_held = False
-            self.on_hold(None, False)
-        for service in list(self._held):
-            if service not in self.services or service.stats.active < self.allowance(service):
-                self._held.discard(service)
-                self.on_hold(service, False)
-
-    def is_held(self, service: ServiceRuntime) -> bool:
-        return self._all_held or service in self._held
-
-
-def _no_hold(service: ServiceRuntime | None, hold: bool) -> None:
-    pass
-
-
-class ServiceRuntime:
+class ServiceRuntime(Admission):
     """What the sessions of one service share: config, targets, scheduler, health,
     limits, counters."""
 
@@ -502,19 +233,6 @@ class ServiceRuntime:
             )
         return [targets[i] for i in self.scheduler.order(candidates, client_ip)]
 
-    def backend_views(self) -> list[BackendView]:
-        return [
-            BackendView(
-                name=target.name,
-                address=target.shown,
-                up=target.health is None or target.health.is_up,
-                admin_state=self.admin_state(target.name),
-                active=target.stats.active,
-                suspect=self.suspect(target),
-            )
-            for target in self.targets
-        ]
-
     # --- what the dialer reports -------------------------------------------------------
 
     def acquire(self, target: Target) -> bool:
@@ -539,98 +257,6 @@ class ServiceRuntime:
         if target.health is not None:
             self._monitor.passive_failure(self.name, target.name, reason)
 
-    # --- admission -------------------------------------------------------------------
-
-    def admit(
-        self, peer: tuple[str, int], sock: RawSocket, listening: Address | None
-    ) -> tuple[Reject, str] | None:
-        """Why a connection from ``peer`` must be turned away (cause, reason), or None.
-
-        Where clients come through a PROXY header, the peer is the header's sender (a
-        load balancer): the access lists and the per-client limit wait for the header
-        to name the real client (``readmit``).
-        """
-        daemon = self.daemon
-        if peer in daemon.outgoing.by_local and _is_own(daemon, peer, sock, listening):
-            return Reject.LOOP, (
-                "it is tcpfwd's own connection to a backend: a backend of this daemon "
-                "leads back to one of its listeners"
-            )
-        limit = daemon.max_connections
-        if self.open_door:
-            if limit is not None and len(daemon.sessions) >= limit:
-                return Reject.GLOBAL_LIMIT, f"global max_connections = {limit}"
-            return None
-        settings = self.settings
-        if settings.accept_proxy != AcceptProxy.OFF and not is_trusted(
-            peer[0], settings.trusted_sources
-        ):
-            # Decided on the raw peer before reading a byte: its claims are never heard.
-            return Reject.UNTRUSTED_SOURCE, "not in trusted_sources"
-        stats = self.stats
-        if settings.max_connections is not None and stats.active >= settings.max_connections:
-            return Reject.SERVICE_LIMIT, f"max_connections = {settings.max_connections}"
-        if limit is not None and len(daemon.sessions) >= limit:
-            return Reject.GLOBAL_LIMIT, f"global max_connections = {limit}"
-        if self.checks_addresses:
-            return self._judge(peer[0], 0)
-        return None
-
-    def readmit(
-        self, counted: str | None, client_ip: str
-    ) -> tuple[str | None, tuple[Reject, str] | None]:
-        """A PROXY header named the real client: the address now counted for it, and why
-        it must be turned away (cause, reason), or None."""
-        if counted is not None:
-            self._uncount(counted)
-            counted = None
-        if self.per_client_limit is not None:
-            self._count(client_ip)
-            counted = client_ip
-        return counted, self._judge(client_ip, 1)
-
-    def _judge(self, client_ip: str, already: int) -> tuple[Reject, str] | None:
-        """Access lists and the per-client limit; ``already``: this client is counted."""
-        settings = self.settings
-        if settings.allow or settings.deny:
-            address = ipaddress.ip_address(client_ip.split("%", 1)[0])
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-                address = address.ipv4_mapped
-            if any(address in network for network in settings.deny):
-                return Reject.DENIED, "in deny"
-            if settings.allow and not any(address in net for net in settings.allow):
-                return Reject.DENIED, "not in allow"
-        limit = self.per_client_limit
-        if limit is not None and self.stats.per_client.get(client_ip, 0) - already >= limit:
-            return Reject.CLIENT_LIMIT, f"max_connections_per_client = {limit}"
-        return None
-
-    def turned_away(self, cause: Reject, peer: tuple[str, int], reason: str) -> None:
-        self.stats.rejected[cause] += 1
-        self.daemon.rejects.note(self.name, cause, format_hostport(peer[0], peer[1]), reason)
-
-    # --- accounting ------------------------------------------------------------------
-
-    def _count(self, client_ip: str) -> None:
-        per_client = self.stats.per_client
-        per_client[client_ip] = per_client.get(client_ip, 0) + 1
-
-    def _uncount(self, client_ip: str) -> None:
-        per_client = self.stats.per_client
-        remaining = per_client.get(client_ip, 1) - 1
-        if remaining:
-            per_client[client_ip] = remaining
-        else:
-            per_client.pop(client_ip, None)
-
-    def session_started(self, client_ip: str) -> str | None:
-        """Count a new session's client for the per-client limit (the session itself is
-        counted in ``stats.active``); the address counted, if any."""
-        if self.per_client_limit is not None:
-            self._count(client_ip)
-            return client_ip
-        return None
-
     def session_ended(
         self, counted: str | None, record: SessionRecord, target: Target | None
     ) -> None:
@@ -652,7 +278,7 @@ class ServiceRuntime:
             stats.bytes_from_backend += record.from_backend
             backend = target.stats
             backend.active -= 1
-            backend.attempts[Outcome.OK] += 1
+            backend.attempts[_OK] += 1
             backend.sessions += 1
         connect = record.connect_time
         if connect is not None:
@@ -699,17 +325,3 @@ class ServiceRuntime:
             reactor.loop.call_later(self.settings.idle_timeout / 4, self._sweep)
         else:
             self._sweeping = False
-
-
-def _is_own(daemon: DaemonState, peer: Address, sock: RawSocket, listening: Address | None) -> bool:
-    """Whether a connection from ``peer`` (the local address of one of ours) is one of
-    ours come back. Rarely asked: only when a peer shares a local address with one of
-    our own connections."""
-    arrived_on = listening
-    if arrived_on is None:
-        try:
-            name = sock.getsockname()
-        except OSError:
-            return False
-        arrived_on = (name[0], name[1])
-    return daemon.outgoing.is_loop(peer, arrived_on, time.monotonic())

@@ -31,14 +31,24 @@ from typing import TYPE_CHECKING, Final
 
 from .accesslog import AttemptResult, SessionRecord
 from .config import SendProxySettings, format_hostport
+from .daemonstate import NEW_CONNECTION
 from .dialer import Attempt, Dial, apply_options
-from .proxy_accept import ClientGone, HeaderReader, HeaderRejected, addresses_of
-from .proxy_protocol import ProxyHeader
+from .intake import (
+    DIALING,
+    ENDED,
+    HEADER,
+    HEADER_TIMER,
+    HELD,
+    LEAVING,
+    READING_HEADER,
+    RELAYING,
+    ClientWatch,
+)
+from .proxy_accept import HeaderReader
 from .proxy_send import SessionHeaders
-from .reactor import DONTWAIT, EDGE, ERR, HUP, IN, RDHUP, RawSocket
+from .reactor import DONTWAIT, RawSocket
 from .relay import UNWATCHED, Relay
-from .service import NEW_CONNECTION
-from .vocabulary import AcceptProxy, End, EndWord, Reject, RelayMode
+from .vocabulary import AcceptProxy, End, EndWord, HostPort, Reject, RelayMode
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -52,20 +62,13 @@ HOLD_FIRST_PAUSE: Final = 0.25
 HOLD_MAX_PAUSE: Final = 2.0
 # A session line lists at most this many attempts; a long hold counts the rest.
 MAX_LOGGED_ATTEMPTS: Final = 32
-# Bytes read at once while looking for a PROXY header (one header at most: the rest
-# waits in the socket for the relay, except what came in the same read).
-_HEADER_READ: Final = 4096
 # What a turned-away client's socket is drained of, at most, before it is closed.
 _DRAIN_ROUNDS: Final = 4
 
-# Stages.
-_HEADER, _DIALING, _HELD, _RELAYING, _ENDED = 1, 2, 3, 4, 5
-# Timer kinds.
-_T_HEADER, _T_HOLD = 1, 2
-# How the client's socket is watched before the relay: for the PROXY header, or only
-# for the client leaving (its EOF; a reset is always reported).
-_READING_HEADER: Final = IN | RDHUP | EDGE
-_LEAVING: Final = RDHUP | EDGE
+# Taken from their enum once (see relay._CLOSED_WORDS).
+_SPLICED: Final = RelayMode.SPLICE
+_COPIED: Final = RelayMode.COPY
+
 
 # Session ids: unique per process start (random prefix) and ordered within it.
 _ID_PREFIX: Final = os.urandom(3).hex()
@@ -84,23 +87,21 @@ class Session(Relay):
         "_backend_address",
         "_began",
         "_connect_time",
-        "_counted",
         "_dial",
-        "_dial_began",
-        "_early",
         "_failed",
         "_headers",
         "_held",
         "_hold_pause",
         "_omitted",
-        "_reader",
         "_remote",
-        "_to_client",
         "backend",
         "client",
         "client_eof",
+        "counted",
         "csock",
         "destination",
+        "dial_began",
+        "early",
         "idle_seen",
         "idle_ticks",
         "listener",
@@ -116,7 +117,7 @@ class Session(Relay):
         service: ServiceRuntime,
         listener: Listener,
         sock: RawSocket,
-        peer: tuple[str, int],
+        peer: HostPort,
     ) -> None:
         self.service = service
         self.listener = listener
@@ -125,21 +126,21 @@ class Session(Relay):
         # Who the client is and what it connected to: the peer and our socket's own
         # address, unless a trusted PROXY header says otherwise.
         self.client = peer
-        self.destination: tuple[str, int] | None = None
+        self.destination: HostPort | None = None
         self.number = next(_next_number)
         self._began = time.monotonic()
-        self.stage = _DIALING
+        self.stage = DIALING
         self.reactor = service.daemon.reactor
         self.cmask = UNWATCHED
         self.end = None
         self.client_eof = False
         self.backend: Target | None = None
-        self.local: tuple[str, int] | None = None
+        self.local: HostPort | None = None
         self._dial: Dial | None = None
         self._failed: list[AttemptResult] | None = None
         self._omitted = 0
         self._held: float | None = None
-        self._early = b""
+        self.early = b""
         self._headers: SessionHeaders | None = None
         self._connect_time: float | None = None
         self._hold_pause = HOLD_FIRST_PAUSE
@@ -156,27 +157,27 @@ class Session(Relay):
     def start(self) -> None:
         service = self.service
         service.stats.active += 1
-        self._counted = (
+        self.counted = (
             service.session_started(self.peer[0]) if service.per_client_limit is not None else None
         )
         service.daemon.session_started(self, service)
         settings = service.settings
         if settings.accept_proxy != AcceptProxy.OFF:
-            self.stage = _HEADER
-            self._reader: HeaderReader | None = HeaderReader(
-                optional=settings.accept_proxy == AcceptProxy.OPTIONAL
+            self.stage = HEADER
+            watch = self._watch_client(
+                READING_HEADER,
+                HeaderReader(optional=settings.accept_proxy == AcceptProxy.OPTIONAL),
             )
-            self._watch_client(_READING_HEADER)
             reactor = self.reactor
-            assert reactor is not None
-            reactor.call_later(settings.proxy_header_timeout, self, _T_HEADER)
+            assert reactor is not None and watch is not None
+            reactor.call_later(settings.proxy_header_timeout, watch, HEADER_TIMER)
             return
-        self._dial_began = began = self._began
-        self._start_dial(began)
+        self.dial_began = began = self._began
+        self.start_dial(began)
 
-    def _start_dial(self, now: float) -> None:
+    def start_dial(self, now: float) -> None:
         service = self.service
-        self.stage = _DIALING
+        self.stage = DIALING
         if service.needs_destination and self.destination is None:
             try:
                 name = self.csock.getsockname()
@@ -190,128 +191,52 @@ class Session(Relay):
 
     # --- events ----------------------------------------------------------------------
 
-    def _client_event(self, events: int) -> None:
-        """The client's socket is ready before the relay runs (see `_ClientWatch`)."""
-        stage = self.stage
-        if stage == _HEADER:
-            self._read_header(events)
-        elif stage in (_DIALING, _HELD):
-            self._client_stirred(events)
-
     def on_timer(self, kind: int) -> None:
-        stage = self.stage
-        if kind == _T_HOLD:
-            if stage == _HELD:
-                self._start_dial(time.monotonic())
-        elif kind == _T_HEADER and stage == _HEADER:
-            reader = self._reader
-            assert reader is not None
-            try:
-                result = reader.timed_out(self.service.settings.proxy_header_timeout)
-            except HeaderRejected as rejected:
-                self._refuse(rejected.end, rejected.reason)
-                return
-            self._header_done(*result)
+        # The one timer of a session: the pause between passes of a hold.
+        if self.stage == HELD:
+            self.start_dial(time.monotonic())
 
     @property
-    def remote(self) -> tuple[str, int]:
+    def remote(self) -> HostPort:
         return self._remote
 
     def is_new(self, now: float) -> bool:
         """Just connected to its backend and nothing heard back (see OwnConnections)."""
         return (
-            self.stage == _RELAYING
+            self.stage == RELAYING
             and self.down.received == 0
-            and now - self._dial_began - (self._connect_time or 0.0) < NEW_CONNECTION
+            and now - self.dial_began - (self._connect_time or 0.0) < NEW_CONNECTION
         )
 
     def dial_slow(self) -> None:
         # A dial that takes a while: watch the client, whose leaving would end it.
-        if self.stage == _DIALING and self.cmask == UNWATCHED:
-            self._watch_client(_LEAVING)
+        if self.stage == DIALING and self.cmask == UNWATCHED:
+            self._watch_client(LEAVING)
 
     def grown_up(self) -> None:
         """The session has lived long enough for keepalive towards its backend (the
         client side inherits it from the listening socket)."""
-        if self.stage == _RELAYING and self.reactor is not None:
+        if self.stage == RELAYING and self.reactor is not None:
             apply_options(self.up.dst, self.service.keepalive_options)
 
     def on_failure(self, error: BaseException) -> None:
-        if self.stage == _RELAYING:
+        if self.stage == RELAYING:
             self.shutdown(End.INTERNAL_ERROR)
-        elif self.stage != _ENDED:
-            self._abandon(End.INTERNAL_ERROR)
+        elif self.stage != ENDED:
+            self.abandon(End.INTERNAL_ERROR)
 
-    def _watch_client(self, mask: int) -> None:
+    def _watch_client(self, mask: int, reader: HeaderReader | None = None) -> ClientWatch | None:
         """Watch the client's socket before the relay (edge-triggered, as the relay does:
-        each change is told once)."""
+        each change is told once): for its PROXY header, read by ``reader``, or for its
+        leaving."""
         if self.cmask != UNWATCHED:
-            return
+            return None
         reactor = self.reactor
         assert reactor is not None
-        reactor.add(self.csock.fileno(), mask, _ClientWatch(self))
+        watch = ClientWatch(self, reader)
+        reactor.add(self.csock.fileno(), mask, watch)
         self.cmask = mask
-
-    def _client_stirred(self, events: int) -> None:
-        """The client's socket spoke while no backend is joined: has the client left?"""
-        if events & (ERR | HUP):
-            self._abandon(End.CLIENT_ABORTED)
-            return
-        if events & RDHUP:
-            self.client_eof = True
-            if self.stage == _HELD:
-                # While held, an EOF counts as leaving too (as HAProxy's abortonclose): a
-                # client that has heard nothing from us and stopped sending is almost
-                # always gone, and a FIN cannot be told from a half-close without writing.
-                self._abandon(End.CLIENT_ABORTED)
-                return
-            # A half-close after the request: it waits in the socket for the relay.
-
-    # --- PROXY header ------------------------------------------------------------------
-
-    def _read_header(self, events: int) -> None:
-        """Read what the client sent (all of it: its events come once) into the header
-        reader, until the header is complete or more must come. A read shorter than
-        asked took all there was, unless the client's EOF waits behind it."""
-        reader = self._reader
-        assert reader is not None
-        sock = self.csock
-        try:
-            while True:
-                result: tuple[ProxyHeader | None, bytes] | None
-                try:
-                    data = sock.recv(_HEADER_READ, DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    result = reader.feed_eof(reset=True)
-                else:
-                    result = reader.feed(data) if data else reader.feed_eof(reset=False)
-                if result is not None:
-                    self._header_done(*result)
-                    return
-                if len(data) < _HEADER_READ and not events & RDHUP:
-                    return
-        except HeaderRejected as rejected:
-            self._refuse(rejected.end, rejected.reason)
-        except ClientGone as gone:
-            self._abandon(End.CLIENT_ABORTED if gone.reset else End.CLIENT_CLOSED)
-
-    def _header_done(self, header: ProxyHeader | None, rest: bytes) -> None:
-        """The header is read (or there is none): adopt its addresses, then dial."""
-        self._early = rest
-        self._reader = None
-        service = self.service
-        if header is not None:
-            addresses = addresses_of(header)
-            if addresses is not None:
-                self.client, self.destination = addresses
-        self._counted, refused = service.readmit(self._counted, self.client[0])
-        if refused is not None:
-            self._refuse(*refused)
-            return
-        self._dial_began = now = time.monotonic()
-        self._start_dial(now)
+        return watch
 
     def proxy_header(self, settings: SendProxySettings) -> bytes | None:
         headers = self._headers
@@ -341,13 +266,13 @@ class Session(Relay):
         service = self.service
         service.daemon.outgoing.hand_over(local, attempt, self)  # type: ignore[arg-type]
         self._attempt_time = now - attempt.started
-        self._connect_time = waited = now - self._dial_began
+        self._connect_time = waited = now - self.dial_began
         if self._held is not None:
             self._held = waited
         if self._failed is not None:
             self._trim_attempts()
         settings = service.settings
-        self.stage = _RELAYING
+        self.stage = RELAYING
         reactor = self.reactor
         assert reactor is not None
         if settings.idle_timeout is not None:
@@ -361,36 +286,36 @@ class Session(Relay):
             self.csock,
             self.cmask,
             attempt.take(),
-            self._early,
+            self.early,
             attempt.greeting,
             attempt.readable,
             service.daemon.pipes,
             service.splice_after,
             service.chunk,
         )
-        self._early = b""
+        self.early = b""
 
     def dial_failed(self) -> None:
         self._dial = None
         self._trim_attempts()
         hold = self.service.settings.hold_timeout
-        waited = time.monotonic() - self._dial_began
+        waited = time.monotonic() - self.dial_began
         if hold is None or waited >= hold:
             if hold is not None:
                 self._held = waited
-            self._abandon(End.NO_BACKEND)
+            self.abandon(End.NO_BACKEND)
             return
         # Held: the client waits, its bytes kept in its socket; its leaving ends it.
         self._held = waited
         if self.client_eof:
-            self._abandon(End.CLIENT_ABORTED)
+            self.abandon(End.CLIENT_ABORTED)
             return
-        self.stage = _HELD
-        self._watch_client(_LEAVING)
+        self.stage = HELD
+        self._watch_client(LEAVING)
         pause = self._hold_pause
         reactor = self.reactor
         assert reactor is not None
-        reactor.call_later(min(pause, hold - waited), self, _T_HOLD)
+        reactor.call_later(min(pause, hold - waited), self, 0)
         self._hold_pause = min(pause * 2, HOLD_MAX_PAUSE)
 
     def _trim_attempts(self) -> None:
@@ -405,14 +330,14 @@ class Session(Relay):
 
     def abort(self) -> None:
         """End the session now (the grace period after a stop request is over)."""
-        if self.stage == _RELAYING:
+        if self.stage == RELAYING:
             self.shutdown(End.SHUTDOWN)
-        elif self.stage != _ENDED:
-            self._abandon(End.SHUTDOWN)
+        elif self.stage != ENDED:
+            self.abandon(End.SHUTDOWN)
 
     def idle_check(self) -> None:
         """One sweep of the idle timeout (a quarter of it): four quiet ones in a row end it."""
-        if self.stage != _RELAYING:
+        if self.stage != RELAYING:
             return
         moved = self.up.received + self.down.received
         if moved != self.idle_seen:
@@ -423,12 +348,12 @@ class Session(Relay):
         if self.idle_ticks >= 4:
             self.shutdown(End.IDLE_TIMEOUT)
 
-    def _refuse(self, cause: Reject, reason: str) -> None:
+    def refuse(self, cause: Reject, reason: str) -> None:
         """Turned away after acceptance (a bad header, a client the header named)."""
         self.service.turned_away(cause, self.peer, reason)
-        self._abandon(cause)
+        self.abandon(cause)
 
-    def _abandon(self, end: EndWord) -> None:
+    def abandon(self, end: EndWord) -> None:
         """End before (or instead of) the relay: close what is open."""
         dial = self._dial
         if dial is not None:
@@ -447,7 +372,7 @@ class Session(Relay):
         self._finish(end)
 
     def _finish(self, end: EndWord) -> None:
-        self.stage = _ENDED
+        self.stage = ENDED
         service = self.service
         daemon = service.daemon
         target = self.backend
@@ -455,90 +380,12 @@ class Session(Relay):
             daemon.outgoing.discard(self.local, self)  # type: ignore[arg-type]
             if service.relaying:
                 service.relaying.discard(self)
-        record = self._record(end, target)
+        record = _record_of(self, end, target)
         # Free the session's place (and its backend's) before saying it ended: whoever
         # reads the line may rely on the place being free.
-        service.session_ended(self._counted, record, target)
+        service.session_ended(self.counted, record, target)
         daemon.session_ended(self)
         service.access_log.emit(record)
-
-    def _record(self, end: EndWord, target: Target | None) -> SessionRecord:
-        elapsed = time.monotonic() - self._began
-        peer = self.peer
-        client = self.client
-        host = client[0]
-        shown = f"{host}:{client[1]}" if ":" not in host else f"[{host}]:{client[1]}"
-        via = None if client is peer else format_hostport(peer[0], peer[1])
-        if target is None:
-            return SessionRecord(
-                f"{_ID_PREFIX}-{self.number:x}",
-                time.time() - elapsed,
-                shown,
-                self.listener.name,
-                self.service.name,
-                self._failed or (),
-                None,
-                None,
-                None,
-                0.0,
-                self._connect_time,
-                self._held,
-                self._omitted,
-                0,
-                0,
-                None,
-                elapsed,
-                end,
-                via,
-            )
-        local = self.local
-        if local is None:
-            local_shown = "?"
-        else:
-            host = local[0]
-            local_shown = f"{host}:{local[1]}" if ":" not in host else f"[{host}]:{local[1]}"
-        up = self.up
-        down = self.down
-        return SessionRecord(
-            f"{_ID_PREFIX}-{self.number:x}",
-            time.time() - elapsed,
-            shown,
-            self.listener.name,
-            self.service.name,
-            self._failed or (),
-            target.name,
-            self._backend_address,
-            local_shown,
-            self._attempt_time,
-            self._connect_time,
-            self._held,
-            self._omitted,
-            up.received,
-            down.received,
-            RelayMode.SPLICE
-            if up.received >= up.splice_at or down.received >= down.splice_at
-            else RelayMode.COPY,
-            elapsed,
-            end,
-            via,
-            target.config.transparent,
-        )
-
-
-class _ClientWatch:
-    """Owns the client's socket in the reactor until the session relays (the session
-    itself then does): its events are a PROXY header, or the client leaving."""
-
-    __slots__ = ("session",)
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def on_event(self, fd: int, events: int) -> None:
-        self.session._client_event(events)
-
-    def on_failure(self, error: BaseException) -> None:
-        self.session.on_failure(error)
 
 
 def turn_away(sock: RawSocket) -> None:
@@ -552,3 +399,65 @@ def turn_away(sock: RawSocket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def _record_of(session: Session, end: EndWord, target: Target | None) -> SessionRecord:
+    """What the access line and the counters say of a session that ended."""
+    elapsed = time.monotonic() - session._began
+    peer = session.peer
+    client = session.client
+    host = client[0]
+    shown = f"{host}:{client[1]}" if ":" not in host else f"[{host}]:{client[1]}"
+    via = None if client is peer else format_hostport(peer[0], peer[1])
+    if target is None:
+        return SessionRecord(
+            f"{_ID_PREFIX}-{session.number:x}",
+            time.time() - elapsed,
+            shown,
+            session.listener.name,
+            session.service.name,
+            session._failed or (),
+            None,
+            None,
+            None,
+            0.0,
+            session._connect_time,
+            session._held,
+            session._omitted,
+            0,
+            0,
+            None,
+            elapsed,
+            end,
+            via,
+        )
+    local = session.local
+    if local is None:
+        local_shown = "?"
+    else:
+        host = local[0]
+        local_shown = f"{host}:{local[1]}" if ":" not in host else f"[{host}]:{local[1]}"
+    up = session.up
+    down = session.down
+    return SessionRecord(
+        f"{_ID_PREFIX}-{session.number:x}",
+        time.time() - elapsed,
+        shown,
+        session.listener.name,
+        session.service.name,
+        session._failed or (),
+        target.name,
+        session._backend_address,
+        local_shown,
+        session._attempt_time,
+        session._connect_time,
+        session._held,
+        session._omitted,
+        up.received,
+        down.received,
+        _SPLICED if up.received >= up.splice_at or down.received >= down.splice_at else _COPIED,
+        elapsed,
+        end,
+        via,
+        target.config.transparent,
+    )

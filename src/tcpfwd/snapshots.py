@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .config import Config
+from .daemonstate import RECENT_FAILOVERS
 from .health import UNKNOWN
 from .metrics import ServiceStats, add_stats, stats_to_dict
-from .service import RECENT_FAILOVERS
 from .status import DETAIL_KEYS, BackendReading, Overview, ServiceReading
 from .vocabulary import AdminState
 

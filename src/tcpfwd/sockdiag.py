@@ -20,6 +20,8 @@ import socket
 import struct
 from typing import Final
 
+from .vocabulary import HostPort
+
 NETLINK_SOCK_DIAG: Final = 4
 SOCK_DIAG_BY_FAMILY: Final = 20
 NLM_F_REQUEST: Final = 0x01
@@ -34,8 +36,6 @@ _HEADER = struct.Struct("=IHHII")
 # dport (network order), src and dst (16 bytes each), interface, cookie (two words).
 _REQUEST = struct.Struct("=BBBxI2H16s16sI2I")
 
-Address = tuple[str, int]
-
 
 def _packed(host: str) -> tuple[int, bytes]:
     address = ipaddress.ip_address(host.split("%", 1)[0])
@@ -43,7 +43,7 @@ def _packed(host: str) -> tuple[int, bytes]:
     return family, address.packed.ljust(16, b"\0")
 
 
-def socket_exists(local: Address, remote: Address) -> bool | None:
+def socket_exists(local: HostPort, remote: HostPort) -> bool | None:
     """Whether a TCP socket with local address ``local`` and remote ``remote`` exists
     here; None when the kernel cannot be asked."""
     try:

@@ -16,9 +16,12 @@ import fcntl
 import logging
 import os
 import sys
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .vocabulary import RelayMode
+
+if TYPE_CHECKING:
+    from .relay import Flow
 
 log = logging.getLogger("tcpfwd")
 
@@ -156,3 +159,88 @@ class PipePool:
         while self._idle:
             self._idle.pop().close()
             self._open -= 1
+
+
+class Splicing:
+    """The relay's moves through the kernel (see `~.relay`): a flow past its
+    ``splice_at`` goes socket → pipe → socket, through a pipe of the pool held only
+    while bytes are in it."""
+
+    __slots__ = ("spliced",)
+
+    # Whether the session's sockets were made non-blocking for splice(2).
+    spliced: bool
+
+    if TYPE_CHECKING:
+        pool: PipePool
+
+        def _copy(self, flow: Flow, reads: int, *, drain: bool) -> None: ...
+        def _wait_for(self, flow: Flow, rest: memoryview | None) -> None: ...
+        def _later(self, flow: Flow) -> None: ...
+        def _eof(self, flow: Flow) -> None: ...
+        def _broken(self, fd: int) -> None: ...
+
+    def _splice(self, flow: Flow) -> None:
+        pipe = flow.pipe
+        if pipe is None:
+            pipe = self.pool.take()
+            if pipe is None:
+                # No pipe to be had (budget, descriptors, quota): copy this chunk.
+                self._copy(flow, 1, drain=True)
+                return
+            flow.pipe = pipe
+            if not self.spliced:
+                # splice(2) waits on a socket in blocking mode, whatever its flags say.
+                self.spliced = True
+                flow.src.setblocking(False)
+                flow.dst.setblocking(False)
+        for _ in range(ROUNDS_PER_WAKEUP):
+            try:
+                moved = os.splice(flow.src_fd, pipe.write_fd, pipe.size, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                # Drained: wait for the source's next event.
+                flow.pipe = None
+                self.pool.release(pipe)
+                return
+            except OSError:
+                self._broken(flow.src_fd)
+                return
+            if not moved:
+                flow.pipe = None
+                self.pool.release(pipe)
+                self._eof(flow)
+                return
+            flow.received += moved
+            pipe.pending = moved
+            try:
+                pipe.pending -= os.splice(pipe.read_fd, flow.dst_fd, moved, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._broken(flow.dst_fd)
+                return
+            if pipe.pending:
+                # The destination is full: wait until it drains, reading nothing.
+                self._wait_for(flow, None)
+                return
+        # More may wait (a splice can stop short of what the source holds).
+        flow.pipe = None
+        self.pool.release(pipe)
+        self._later(flow)
+
+    def _drain_pipe(self, flow: Flow) -> bool:
+        """Write what waits in the flow's pipe; True once it is empty (and given back)."""
+        pipe = flow.pipe
+        assert pipe is not None
+        try:
+            pipe.pending -= os.splice(pipe.read_fd, flow.dst_fd, pipe.pending, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            self._broken(flow.dst_fd)
+            return False
+        if pipe.pending:
+            return False
+        flow.pipe = None
+        self.pool.release(pipe)
+        return True
