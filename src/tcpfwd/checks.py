@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
+from .attempt import describe_failure
 from .config import SendProxySettings
-from .dialer import describe_failure
 from .patterns import Pattern
 from .proxy_send import proxy_header_for_check
 from .resolver import Resolver

@@ -13,12 +13,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Final
 
-from .proxy_accept import ClientGone, HeaderRejected, addresses_of
+from .proxy_accept import ClientGone, HeaderReader, HeaderRejected, addresses_of
 from .reactor import DONTWAIT, EDGE, ERR, HUP, IN, RDHUP
-from .vocabulary import End
+from .vocabulary import AcceptProxy, End
 
 if TYPE_CHECKING:
-    from .proxy_accept import HeaderReader
     from .proxy_protocol import ProxyHeader
     from .session import Session
 
@@ -37,6 +36,18 @@ HEADER_TIMER: Final = 1
 # Bytes read at once while looking for a PROXY header (one header at most: the rest
 # waits in the socket for the relay, except what came in the same read).
 _HEADER_READ: Final = 4096
+
+
+def expect_header(session: Session) -> None:
+    """Read the session's PROXY header first, for at most ``proxy_header_timeout``."""
+    settings = session.service.settings
+    session.stage = HEADER
+    watch = session.watch_client(
+        READING_HEADER, HeaderReader(optional=settings.accept_proxy == AcceptProxy.OPTIONAL)
+    )
+    reactor = session.reactor
+    assert reactor is not None and watch is not None
+    reactor.call_later(settings.proxy_header_timeout, watch, HEADER_TIMER)
 
 
 class ClientWatch:

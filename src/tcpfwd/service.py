@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Final
 from .accesslog import AttemptResult, SessionRecord, format_timestamp
 from .admission import Admission
 from .config import BackendConfig, ServiceConfig
-from .dialer import HEDGE_FACTOR, HEDGE_FLOOR, SocketOptions, keepalive_options
+from .dialer import SocketOptions, keepalive_options
 from .health import BackendHealth
+from .hedging import HEDGE_FACTOR, HEDGE_FLOOR
 from .metrics import BackendStats, ServiceStats, outcome_label
 from .monitor import HealthMonitor
 from .policy import Candidate, Scheduler

@@ -30,20 +30,11 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from .accesslog import AttemptResult, SessionRecord
+from .attempt import Attempt
 from .config import SendProxySettings, format_hostport
 from .daemonstate import NEW_CONNECTION
-from .dialer import Attempt, Dial, apply_options
-from .intake import (
-    DIALING,
-    ENDED,
-    HEADER,
-    HEADER_TIMER,
-    HELD,
-    LEAVING,
-    READING_HEADER,
-    RELAYING,
-    ClientWatch,
-)
+from .dialer import Dial, apply_options
+from .intake import DIALING, ENDED, HELD, LEAVING, RELAYING, ClientWatch, expect_header
 from .proxy_accept import HeaderReader
 from .proxy_send import SessionHeaders
 from .reactor import DONTWAIT, RawSocket
@@ -163,14 +154,7 @@ class Session(Relay):
         service.daemon.session_started(self, service)
         settings = service.settings
         if settings.accept_proxy != AcceptProxy.OFF:
-            self.stage = HEADER
-            watch = self._watch_client(
-                READING_HEADER,
-                HeaderReader(optional=settings.accept_proxy == AcceptProxy.OPTIONAL),
-            )
-            reactor = self.reactor
-            assert reactor is not None and watch is not None
-            reactor.call_later(settings.proxy_header_timeout, watch, HEADER_TIMER)
+            expect_header(self)
             return
         self.dial_began = began = self._began
         self.start_dial(began)
@@ -211,7 +195,7 @@ class Session(Relay):
     def dial_slow(self) -> None:
         # A dial that takes a while: watch the client, whose leaving would end it.
         if self.stage == DIALING and self.cmask == UNWATCHED:
-            self._watch_client(LEAVING)
+            self.watch_client(LEAVING)
 
     def grown_up(self) -> None:
         """The session has lived long enough for keepalive towards its backend (the
@@ -225,7 +209,7 @@ class Session(Relay):
         elif self.stage != ENDED:
             self.abandon(End.INTERNAL_ERROR)
 
-    def _watch_client(self, mask: int, reader: HeaderReader | None = None) -> ClientWatch | None:
+    def watch_client(self, mask: int, reader: HeaderReader | None = None) -> ClientWatch | None:
         """Watch the client's socket before the relay (edge-triggered, as the relay does:
         each change is told once): for its PROXY header, read by ``reader``, or for its
         leaving."""
@@ -311,7 +295,7 @@ class Session(Relay):
             self.abandon(End.CLIENT_ABORTED)
             return
         self.stage = HELD
-        self._watch_client(LEAVING)
+        self.watch_client(LEAVING)
         pause = self._hold_pause
         reactor = self.reactor
         assert reactor is not None
