@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TextIO, cast
 
-from .vocabulary import End, EndWord, Outcome, RelayMode
+from .vocabulary import End, EndWord, Outcome, Reject, RelayMode
 
 ACCESS_LOGGER = "tcpfwd.access"
 EVENT_LOGGER = "tcpfwd"
@@ -75,6 +75,12 @@ class SessionRecord:
         ok = AttemptResult(self.backend, self.backend_address or "?", Outcome.OK, self.attempt_time)
         return [*self.failed, ok]
 
+
+# The words of the line as plain strings: formatting an enum member costs a method call,
+# a dict look-up does not.
+_PLAIN: Final[dict[str, str]] = {
+    word: str.__str__(word) for words in (End, Reject, RelayMode) for word in words
+}
 
 # gmtime + strftime cost more than the rest of a session line, and most lines share
 # their second with the one before: the whole-second part is formatted once per second.
@@ -149,7 +155,8 @@ def format_text(record: SessionRecord) -> str:
         f" transparent={1 if record.transparent else 0}"
         f" failed={tried} connect={connect} held={held}"
         f" from_client={record.from_client} from_backend={record.from_backend}"
-        f" relay={record.relay or '-'} duration={_s(record.duration)} end={record.end}"
+        f" relay={_PLAIN[record.relay] if record.relay else '-'}"
+        f" duration={_s(record.duration)} end={_PLAIN.get(record.end, record.end)}"
     )
 
 

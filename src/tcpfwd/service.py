@@ -149,7 +149,10 @@ class ServiceRuntime(Admission):
         greeting = settings.greeting
         self.greeting_pattern = greeting.pattern if greeting else None
         self.per_client_limit = settings.max_connections_per_client
-        self.checks_addresses = settings.accept_proxy == AcceptProxy.OFF and bool(
+        # Clients start with a PROXY header (worked out once: an enum member's lookup is
+        # dear on Python 3.11, see relay._CLOSED_WORDS).
+        self.expects_header = settings.accept_proxy != AcceptProxy.OFF
+        self.checks_addresses = not self.expects_header and bool(
             settings.allow or settings.deny or self.per_client_limit is not None
         )
         # Hedged attempts (see dialer.Dial): whether, when, and how many run now.
@@ -159,7 +162,7 @@ class ServiceRuntime(Admission):
         self.hedging = 0
         # Nothing to judge but the daemon's own limits (the usual case).
         self.open_door = (
-            settings.accept_proxy == AcceptProxy.OFF
+            not self.expects_header
             and settings.max_connections is None
             and not self.checks_addresses
         )

@@ -39,7 +39,7 @@ from .proxy_accept import HeaderReader
 from .proxy_send import SessionHeaders
 from .reactor import DONTWAIT, RawSocket
 from .relay import UNWATCHED, Relay
-from .vocabulary import AcceptProxy, End, EndWord, HostPort, Reject, RelayMode
+from .vocabulary import End, EndWord, HostPort, Reject, RelayMode
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -152,8 +152,7 @@ class Session(Relay):
             service.session_started(self.peer[0]) if service.per_client_limit is not None else None
         )
         service.daemon.session_started(self, service)
-        settings = service.settings
-        if settings.accept_proxy != AcceptProxy.OFF:
+        if service.expects_header:
             expect_header(self)
             return
         self.dial_began = began = self._began
