@@ -392,36 +392,28 @@ def _record_of(session: Session, end: EndWord, target: Target | None) -> Session
     host = client[0]
     shown = f"{host}:{client[1]}" if ":" not in host else f"[{host}]:{client[1]}"
     via = None if client is peer else format_hostport(peer[0], peer[1])
+    # Positional, one call: a record per session is built for every line.
     if target is None:
-        return SessionRecord(
-            f"{_ID_PREFIX}-{session.number:x}",
-            time.time() - elapsed,
-            shown,
-            session.listener.name,
-            session.service.name,
-            session._failed or (),
-            None,
-            None,
-            None,
-            0.0,
-            session._connect_time,
-            session._held,
-            session._omitted,
-            0,
-            0,
-            None,
-            elapsed,
-            end,
-            via,
-        )
-    local = session.local
-    if local is None:
-        local_shown = "?"
+        backend = address = local_shown = relay = None
+        attempt_time = 0.0
+        up_bytes = down_bytes = 0
+        transparent = False
     else:
-        host = local[0]
-        local_shown = f"{host}:{local[1]}" if ":" not in host else f"[{host}]:{local[1]}"
-    up = session.up
-    down = session.down
+        local = session.local
+        if local is None:
+            local_shown = "?"
+        else:
+            host = local[0]
+            local_shown = f"{host}:{local[1]}" if ":" not in host else f"[{host}]:{local[1]}"
+        backend = target.name
+        address = session._backend_address
+        attempt_time = session._attempt_time
+        up = session.up
+        down = session.down
+        up_bytes = up.received
+        down_bytes = down.received
+        relay = _SPLICED if up_bytes >= up.splice_at or down_bytes >= down.splice_at else _COPIED
+        transparent = target.config.transparent
     return SessionRecord(
         f"{_ID_PREFIX}-{session.number:x}",
         time.time() - elapsed,
@@ -429,18 +421,18 @@ def _record_of(session: Session, end: EndWord, target: Target | None) -> Session
         session.listener.name,
         session.service.name,
         session._failed or (),
-        target.name,
-        session._backend_address,
+        backend,
+        address,
         local_shown,
-        session._attempt_time,
+        attempt_time,
         session._connect_time,
         session._held,
         session._omitted,
-        up.received,
-        down.received,
-        _SPLICED if up.received >= up.splice_at or down.received >= down.splice_at else _COPIED,
+        up_bytes,
+        down_bytes,
+        relay,
         elapsed,
         end,
         via,
-        target.config.transparent,
+        transparent,
     )
