@@ -47,7 +47,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from .config import AdminConfig
-from .metrics import DaemonCollector, DaemonFigures, ServiceView, TcpfwdCollector
+from .exposition import DaemonCollector, ServiceView, TcpfwdCollector
+from .metrics import DaemonFigures
 from .vocabulary import ADMIN_ACTIONS, AdminState
 
 log = logging.getLogger("tcpfwd")

@@ -22,7 +22,6 @@ from .config import (
     load_config,
     quick_config,
 )
-from .ctl import ControlError, backend_action, resolve_endpoint, show_status
 from .lifecycle import run
 from .listener import ListenError
 from .localcheck import check_local
@@ -212,6 +211,9 @@ def _control_parser(command: str) -> argparse.ArgumentParser:
 
 
 def _control(command: str, args_list: list[str]) -> int:
+    # Only the control commands speak HTTP to a daemon: the daemon does not load urllib.
+    from .ctl import ControlError, backend_action, resolve_endpoint, show_status  # noqa: PLC0415
+
     args = _control_parser(command).parse_args(args_list)
     try:
         config = load_config(args.config) if args.config and not args.admin else None

@@ -13,9 +13,10 @@ as with a ``bytes`` pattern in ``re``, and the pattern's own text is UTF-8.
 from __future__ import annotations
 
 import functools
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import re2
+if TYPE_CHECKING:
+    import re2
 
 # RE2's default budget for one compiled program; a pattern needing more is refused at
 # compile time rather than growing without bound.
@@ -34,6 +35,8 @@ class PatternError(ValueError):
 
 
 def _options() -> re2.Options:
+    import re2  # noqa: PLC0415 - only a configuration with a pattern needs the engine
+
     options = re2.Options()
     options.encoding = re2.Options.Encoding.LATIN1
     options.max_mem = MAX_PROGRAM_MEMORY
@@ -45,6 +48,8 @@ def _options() -> re2.Options:
 @functools.lru_cache(maxsize=256)
 def compile_pattern(text: str) -> Pattern:
     """Compile ``text`` for matching bytes; raises PatternError when RE2 cannot."""
+    import re2  # noqa: PLC0415 - only a configuration with a pattern needs the engine
+
     try:
         compiled: Pattern = re2.compile(text.encode("utf-8"), _options())
     except re2.error as error:
