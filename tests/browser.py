@@ -19,7 +19,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from support import wait_until
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Chromium with no window, no GPU and nothing of its own on the network: a test's
+# page loads are the only traffic.
+HEADLESS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 
 # Puts the two pipe ends where Chromium expects them (3: commands in, 4: answers out).
 _PIPES = (
@@ -46,14 +60,7 @@ class Browser:
                 str(commands_read),
                 str(answers_write),
                 CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
+                *HEADLESS,
                 "--remote-debugging-pipe",
                 f"--user-data-dir={profile}",
                 "about:blank",
@@ -152,14 +159,10 @@ class Page:
 
     def wait_for(self, expression: str, timeout: float = 15.0) -> Any:
         """Poll ``expression`` until it is truthy; its value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise BrowserError(f"still false after {timeout}s: {expression}")
-            time.sleep(0.1)
+        # ignoring=(): a script error will not go away by asking again.
+        return wait_until(
+            lambda: self.evaluate(expression), expression, timeout, interval=0.1, ignoring=()
+        )
 
     def click(self, selector: str) -> None:
         """Click the element's centre with the mouse, as a person would."""

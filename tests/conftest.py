@@ -1,23 +1,23 @@
+"""Fixtures for every test below this folder (tests/unit, tests/e2e): the real ``tcpfwd``
+command, and each relay in turn."""
+
 from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from support import Tcpfwd, parse_logfmt
+from support import ROOT, SPLICE_AVAILABLE, Tcpfwd, parse_logfmt
 
 # Child processes (``python -m tcpfwd``, workers, benchmarks) run this checkout's code,
 # whatever copy of the package is installed: a second work tree tests its own changes.
-_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [_SOURCE, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
 )
 
-SPLICE_AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
 RELAYS = [
     "copy",
     pytest.param(

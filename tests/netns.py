@@ -26,12 +26,13 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+
+from support import wait_until
 
 T = TypeVar("T")
 
@@ -187,11 +188,13 @@ class Lab:
         b.ip("link", "set", b_name, "up")
         # Until the kernel's link watcher has run (up to a second), a new link drops what
         # it is given to send: wait for it to say the link is up at both ends.
-        deadline = time.monotonic() + 5
-        while not (a.link_ready(a_name) and b.link_ready(b_name)):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{a_name}-{b_name} did not come up")
-            time.sleep(0.02)
+        wait_until(
+            lambda: a.link_ready(a_name) and b.link_ready(b_name),
+            f"{a_name}-{b_name} to come up",
+            5,
+            interval=0.02,
+            ignoring=(),
+        )
 
     def close(self) -> None:
         for sock in self.sockets:
@@ -209,18 +212,17 @@ class Lab:
 
 def _stop_all(namespace: Namespace, timeout: float = 10.0) -> None:
     """Kill what still runs inside (only this lab's processes can be there), by PID."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def none_left() -> bool:
         pids = [pid for pid in namespace.pids() if pid != os.getpid()]
-        if not pids:
-            return
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         # Not reaped here: whoever started them waits for them (a dead process waiting
         # to be reaped is no longer listed as inside).
-        time.sleep(0.05)
-    raise AssertionError(f"processes still running in {namespace.name}")
+        return not pids
+
+    wait_until(none_left, f"the processes in {namespace.name} to stop", timeout, ignoring=())
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Test peers for observability: a real Prometheus, headless Chromium, the admin endpoint.
+"""Test peers for observability: a real Prometheus, and pages rendered by headless Chromium.
 
 A Prometheus runs in the foreground on a loopback port with its own configuration and
 data directory under the test's ``tmp_path``, scraping every second, and is stopped by
@@ -14,50 +14,22 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from peers import free_port
-from support import LOOPBACK, Tcpfwd
+from browser import CHROMIUM, HEADLESS
+from support import LOOPBACK, free_port, wait_until
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
-ROOT = Path(__file__).resolve().parent.parent
 SCRAPE_INTERVAL = "500ms"
-
-
-def admin_url(proxy: Tcpfwd) -> str:
-    line = proxy.wait_for_event("admin endpoint on ")
-    return line.split("admin endpoint on ", 1)[1].strip()
-
-
-def get_json(url: str, timeout: float = 10.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.load(response)
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    """Poll ``check`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except (AssertionError, LookupError, OSError, ValueError) as error:
-            last_error, result = error, None
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} after {timeout}s (last error: {last_error!r})")
 
 
 # --- Prometheus ---------------------------------------------------------------------------
@@ -156,7 +128,7 @@ def running_prometheus(
             with urllib.request.urlopen(f"{prometheus.url}/-/ready", timeout=2) as reply:
                 return bool(reply.status == 200)
 
-        wait_until(ready, "ready Prometheus", 30)
+        wait_until(ready, "a ready Prometheus", 30)
         yield prometheus
     finally:
         if process.poll() is None:
@@ -176,14 +148,7 @@ def chromium(tmp_path: Path, *args: str, budget_ms: int = 5000) -> subprocess.Co
         pytest.skip("chromium is not installed")
     command = [
         CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *HEADLESS,
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
         f"--virtual-time-budget={budget_ms}",
         "--window-size=1200,800",

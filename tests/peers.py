@@ -18,25 +18,18 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from support import LOOPBACK, ThreadedServer, recv_all
+from support import ThreadedServer, connect, recv_all, wait_until
 
 # A client address that differs from the bouncer's own (127.0.0.1), so that a peer's log
 # can only show it if a PROXY header carried it.
 CLIENT_IP = "127.0.0.2"
 PEER_START_TIMEOUT = 20.0
 POSTFIX_DAEMONS = Path("/usr/lib/postfix/sbin")
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (the peer binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def is_listening(port: int, pid: int | str = "self") -> bool:
@@ -58,20 +51,7 @@ def is_listening(port: int, pid: int | str = "self") -> bool:
 
 
 def client_from(address: tuple[str, int], source_ip: str = CLIENT_IP) -> socket.socket:
-    sock = socket.create_connection(address, timeout=10, source_address=(source_ip, 0))
-    sock.settimeout(10)
-    return sock
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    return connect(address, source=source_ip)
 
 
 # --- a backend that records what each connection sent -------------------------------
@@ -116,7 +96,7 @@ class RecordingBackend(ThreadedServer):
             recording.done.set()
 
     def recording(self, index: int = 0, timeout: float = 10.0) -> Recording:
-        wait_until(lambda: len(self.recordings) > index, timeout, "a backend connection")
+        wait_until(lambda: len(self.recordings) > index, "a backend connection", timeout)
         recording = self.recordings[index]
         assert recording.done.wait(timeout), "backend connection did not finish"
         return recording
@@ -162,7 +142,10 @@ class PeerProcess:
                 )
             return is_listening(port, self.process.pid)
 
-        wait_until(listening, PEER_START_TIMEOUT, f"{self.name} to listen on port {port}")
+        # ignoring=(): a peer that exited will never listen.
+        wait_until(
+            listening, f"{self.name} to listen on port {port}", PEER_START_TIMEOUT, ignoring=()
+        )
 
     def wait_for_line(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         regex = re.compile(pattern)
@@ -170,9 +153,7 @@ class PeerProcess:
         def found() -> re.Match[str] | None:
             return next((m for line in list(self.lines) if (m := regex.search(line))), None)
 
-        match = wait_until(found, timeout, f"{self.name} to log {pattern!r}")
-        assert isinstance(match, re.Match)
-        return match
+        return wait_until(found, f"{self.name} to log {pattern!r}", timeout)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -253,9 +234,7 @@ class Postfix(PeerProcess):
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         regex = re.compile(pattern)
-        match = wait_until(lambda: regex.search(self.log()), timeout, f"maillog: {pattern!r}")
-        assert isinstance(match, re.Match)
-        return match
+        return wait_until(lambda: regex.search(self.log()), f"maillog: {pattern!r}", timeout)
 
 
 # Only the daemons an smtpd needs to greet, talk and queue a message; chroot off.

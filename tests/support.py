@@ -1,12 +1,15 @@
-"""Test peers and a handle on a real ``tcpfwd`` child process.
+"""The tests' shared helpers: one copy of each, for tests/unit and tests/e2e alike.
 
-Everything here uses real sockets on loopback. Backends run in threads with blocking
-sockets so that a test reads top to bottom; each starts in one line and stops itself
-at the end of a ``with`` block, like aiosmtpd's controller.
+Backends, clients, the configuration files and documents tests write, waiting with a
+deadline, and a handle on a real ``tcpfwd`` child process. Everything that talks uses
+real sockets on loopback. Backends run in threads with blocking sockets so that a test
+reads top to bottom; each starts in one line and stops itself at the end of a ``with``
+block, like aiosmtpd's controller.
 """
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import contextlib
 import json
@@ -15,16 +18,178 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tcpfwd.config import ConfigError, parse_config
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
-START_TIMEOUT = 15.0
+START_TIMEOUT = 20.0
+# The event that says a daemon serves: a single process's, and a supervisor's once all
+# its workers are ready (each worker logs its own "ready:" before that).
+READY = "ready:"
+WORKERS_READY = "workers serving"
+SPLICE_AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
+# SO_LINGER on with a zero timeout: close() sends a reset instead of a FIN.
+RST_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+# --- waiting ----------------------------------------------------------------------------
+
+# What a poll may meet before the state it waits for is there: a server not listening
+# yet (OSError), a key or series not there yet (LookupError), a document half written
+# (ValueError), or the check's own assertion about a partial state.
+TRANSIENT: tuple[type[Exception], ...] = (AssertionError, LookupError, OSError, ValueError)
+
+
+class _Poll:
+    """One wait's deadline, and the last error its check let pass."""
+
+    def __init__(self, what: str, timeout: float, ignoring: tuple[type[Exception], ...]) -> None:
+        self._what = what
+        self._timeout = timeout
+        self._ignoring = ignoring
+        self._deadline = time.monotonic() + timeout
+        self._last_error: Exception | None = None
+
+    def attempt(self, check: Callable[[], T | None]) -> T | None:
+        """The check's result when true; None to try again; fails once past the deadline."""
+        try:
+            result = check()
+        except self._ignoring as error:
+            self._last_error, result = error, None
+        if result:
+            return result
+        if time.monotonic() > self._deadline:
+            detail = f" (last error: {self._last_error!r})" if self._last_error else ""
+            raise AssertionError(f"gave up waiting for {self._what} after {self._timeout}s{detail}")
+        return None
+
+
+def wait_until(
+    check: Callable[[], T | None],
+    what: str,
+    timeout: float = 20.0,
+    *,
+    interval: float = 0.05,
+    ignoring: tuple[type[Exception], ...] = TRANSIENT,
+) -> T:
+    """Poll ``check`` until it returns something true, and return that.
+
+    Errors of the kinds in ``ignoring`` count as "not yet"; the last one is named if the
+    wait fails. Pass ``ignoring=()`` where an error means the wait can never succeed.
+    """
+    poll = _Poll(what, timeout, ignoring)
+    while True:
+        result = poll.attempt(check)
+        if result is not None:
+            return result
+        time.sleep(interval)
+
+
+async def wait_until_async(
+    check: Callable[[], T | None],
+    what: str,
+    timeout: float = 10.0,
+    *,
+    interval: float = 0.02,
+    ignoring: tuple[type[Exception], ...] = TRANSIENT,
+) -> T:
+    """`wait_until` for a test on the event loop: the loop runs while it waits."""
+    poll = _Poll(what, timeout, ignoring)
+    while True:
+        result = poll.attempt(check)
+        if result is not None:
+            return result
+        await asyncio.sleep(interval)
+
+
+# --- configuration ----------------------------------------------------------------------
+
+# A service as parse_config takes it: one listen address, one backend, nothing else.
+MINIMAL_SERVICE: dict[str, Any] = {"listen": "127.0.0.1:10025", "backends": ["127.0.0.1:25"]}
+
+
+def service(**keys: Any) -> dict[str, Any]:
+    """The minimal service's table with ``keys`` added or replaced, for parse_config."""
+    return {**MINIMAL_SERVICE, **keys}
+
+
+def config_issues(document: dict[str, Any], source: str = "test.toml") -> list[str]:
+    """Every issue parse_config reports for ``document`` (it must report some)."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document, source)
+    return [str(issue) for issue in caught.value.issues]
+
+
+def toml_value(value: object) -> str:
+    """``value`` written as TOML: tables inline, strings quoted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        # JSON's string escapes are TOML's basic-string escapes.
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + " }"
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def toml_table(name: str, **keys: object) -> str:
+    """``[name]`` and its keys, for a configuration file."""
+    lines = [f"[{name}]", *(f"{key} = {toml_value(value)}" for key, value in keys.items())]
+    return "\n".join(lines) + "\n"
+
+
+def named_backends(**addresses: str) -> list[dict[str, str]]:
+    """Backend tables named as the keywords: ``named_backends(a=first, b=second)``."""
+    return [{"address": address, "name": name} for name, address in addresses.items()]
+
+
+def service_config(
+    backends: str | Sequence[str | Mapping[str, object]],
+    *,
+    name: str = "main",
+    listen: str = "127.0.0.1:0",
+    **keys: object,
+) -> str:
+    """A ``[services.NAME]`` table for a running tcpfwd, on a port the kernel picks unless
+    ``listen`` says otherwise; ``backends`` is one address, or addresses and tables."""
+    listed = [backends] if isinstance(backends, str) else list(backends)
+    return toml_table(f"services.{name}", **service(listen=listen, backends=listed, **keys))
+
+
+def write_config(folder: Path, text: str | bytes) -> Path:
+    """``folder``/tcpfwd.toml holding ``text``; its path, for ``--config``.
+
+    Written beside and renamed over, as an operator's editor or config management does,
+    so that a daemon reloading it never reads half a file.
+    """
+    path = folder / "tcpfwd.toml"
+    temporary = folder / "tcpfwd.toml.tmp"
+    if isinstance(text, bytes):
+        temporary.write_bytes(text)
+    else:
+        temporary.write_text(text)
+    temporary.replace(path)
+    return path
 
 
 # --- backends ---------------------------------------------------------------------------
@@ -161,13 +326,6 @@ def silent_server(host: str = LOOPBACK) -> ThreadedServer:
     return ThreadedServer(handle, host)
 
 
-def write_config(directory: Path, text: str) -> str:
-    """A TOML config file in ``directory``; its path, for ``run --config``."""
-    path = directory / "tcpfwd.toml"
-    path.write_text(text)
-    return str(path)
-
-
 def failed_attempts(record: dict[str, Any]) -> list[str]:
     """The ``failed=`` attempts of a text access record: ``target/outcome/elapsed``."""
     return [] if record["failed"] == "-" else record["failed"].split(",")
@@ -217,8 +375,19 @@ def blackhole() -> Iterator[str]:
 # --- clients ----------------------------------------------------------------------------
 
 
-def connect(address: tuple[str, int], timeout: float = 10.0) -> socket.socket:
-    sock = socket.create_connection(address, timeout=timeout)
+def free_port() -> int:
+    """A loopback port nothing listens on right now, for what must be told its port."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+def connect(
+    address: tuple[str, int], timeout: float = 10.0, *, source: str | None = None
+) -> socket.socket:
+    """A client connection, from the local address ``source`` when given."""
+    bound = (source, 0) if source is not None else None
+    sock = socket.create_connection(address, timeout=timeout, source_address=bound)
     sock.settimeout(timeout)
     return sock
 
@@ -254,10 +423,11 @@ def closed_without_reply(sock: socket.socket) -> bool:
         return True
 
 
-def run_command(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m tcpfwd ARGS`` to completion (check, reload, status, ...)."""
+def run_command(*args: str, prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """``python -m tcpfwd ARGS`` to completion (check, reload, status, ...), after
+    ``prefix`` (e.g. a command that drops capabilities)."""
     return subprocess.run(
-        [sys.executable, "-m", "tcpfwd", *args],
+        [*prefix, sys.executable, "-m", "tcpfwd", *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -273,9 +443,38 @@ def exchange(address: tuple[str, int], payload: bytes, timeout: float = 10.0) ->
         return recv_all(sock)
 
 
+# --- the admin endpoint -----------------------------------------------------------------
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def admin_url(proxy: Tcpfwd) -> str:
+    """``http://host:port`` of the admin endpoint, as the daemon logged it (text or JSON)."""
+    line = proxy.wait_for_event("admin endpoint on ")
+    event = json.loads(line)["event"] if line.startswith("{") else line
+    return str(event.split("admin endpoint on ", 1)[1].strip())
+
+
+def get_json(url: str, timeout: float = 10.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.load(response)
+
+
+def metric_samples(url: str) -> Samples:
+    """Every sample of ``url``/metrics by name and sorted labels."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        body = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
 # --- the tcpfwd process ----------------------------------------------------------------
 
 _LISTENING = re.compile(r"listening on (\S+) for service ([\w.-]+)")
+_WORKER_STARTED = re.compile(r"worker (\d+) started: pid (\d+)")
 
 
 # Starts a program the way systemd's socket activation does: the listening socket as
@@ -310,14 +509,18 @@ def split_hostport(text: str) -> tuple[str, int]:
 
 
 class Tcpfwd:
-    """A running ``python -m tcpfwd`` child process and what it has written."""
+    """A running ``python -m tcpfwd`` child process and what it has written.
+
+    Started, it is awaited until it logs ``ready`` (`READY`, or `WORKERS_READY` for a
+    supervisor; None: not awaited, e.g. a start expected to fail).
+    """
 
     def __init__(
         self,
         args: Sequence[str],
         *,
         cwd: Path | None = None,
-        wait_ready: bool = True,
+        ready: str | None = READY,
         prefix: Sequence[str] = (),
         env: dict[str, str] | None = None,
         pass_fds: Sequence[int] = (),
@@ -347,8 +550,8 @@ class Tcpfwd:
         ]
         for reader in self._readers:
             reader.start()
-        if wait_ready:
-            self.wait_for_event("ready:", START_TIMEOUT)
+        if ready is not None:
+            self.wait_for_event(ready, START_TIMEOUT)
 
     @property
     def pid(self) -> int:
@@ -439,6 +642,58 @@ class Tcpfwd:
             self.process.kill()
             self.process.wait(5)
 
+    def capacity(self) -> int:
+        """How many sessions it said it holds at once ("ready: ... up to N ...")."""
+        return int(self.wait_for_event(READY).split("up to ")[1].split()[0])
+
+    def worker_pids(self) -> dict[int, int]:
+        """The latest pid of each worker index, from the supervisor's event lines."""
+        pids: dict[int, int] = {}
+        for line in list(self.events):
+            match = _WORKER_STARTED.search(line)
+            # A worker's own lines are tagged "[worker N pid P]": not the supervisor's.
+            if match and not line.split(" ", 3)[2].startswith("[worker"):
+                pids[int(match.group(1))] = int(match.group(2))
+        return pids
+
+    def kill_workers(self) -> None:
+        """Kill, by pid, the workers a killed supervisor may have left behind."""
+        for pid in self.worker_pids().values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class NotifyRecorder:
+    """An sd_notify socket, as systemd would provide, that records every datagram."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+
+    def wait_for(self, key: str, timeout: float = 10.0) -> dict[str, str]:
+        """The first message with ``key``; each try waits for a datagram a moment."""
+
+        def received() -> dict[str, str] | None:
+            found = next((message for message in self.messages if key in message), None)
+            if found is None:
+                data = self.sock.recv(4096)  # TimeoutError: nothing yet
+                self.messages.append(
+                    dict(line.split("=", 1) for line in data.decode().splitlines())
+                )
+            return found
+
+        return wait_until(received, f"{key} on the notify socket", timeout, interval=0)
+
+    def close(self) -> None:
+        self.sock.close()
+
 
 def event_time(line: str) -> float:
     """The wall-clock time of a daemon event line (``2024-05-01T12:00:00.123Z ...``)."""
@@ -459,9 +714,7 @@ class SmtpBackend:
         from aiosmtpd.controller import Controller  # noqa: PLC0415 -- test extra only
 
         # aiosmtpd's controller cannot listen on port 0: take a free port, then hand it over.
-        with socket.socket() as probe:
-            probe.bind((LOOPBACK, 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.address = f"{LOOPBACK}:{self.port}"
         self.log: list[tuple[int, int, str]] = []
         self._logger = logging.getLogger("mail.log")
@@ -505,3 +758,33 @@ class _ListHandler(logging.Handler):
         match = self._PEER.match(record.getMessage())
         if match:
             self._into.append((int(match.group(1)), record.levelno, match.group(2)))
+
+
+# --- web pages ---------------------------------------------------------------------------
+
+
+class PageHandler(BaseHTTPRequestHandler):
+    """A request handler of a test's own web server: answers with `reply`, logs nothing."""
+
+    def reply(self, body: bytes, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """``handler`` serving on a loopback port of its own, in a thread; the port."""
+    server = ThreadingHTTPServer((LOOPBACK, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
