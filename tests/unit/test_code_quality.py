@@ -1,7 +1,9 @@
-"""The project's own standards, checked with the suite: lint, format and strict types."""
+"""The project's own standards, checked with the suite: lint, format, strict types, class
+size and what a daemon imports at start."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -33,3 +35,29 @@ def test_package_passes_strict_mypy():
     pytest.importorskip("mypy")
     result = run(sys.executable, "-m", "mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_class_is_longer_than_300_lines():
+    too_long = []
+    for path in sorted((ROOT / "src" / "tcpfwd").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > 300:
+                    too_long.append(f"{path.name}: {node.name} ({length} lines)")
+    assert not too_long, too_long
+
+
+def test_a_daemon_loads_only_what_its_configuration_uses():
+    """What serves connections imports neither the admin endpoint's HTTP and Prometheus
+    stack, nor the pattern engine, nor the control commands' HTTP client: those come
+    with the configuration (or command) that uses them, and cost RSS otherwise."""
+    probe = (
+        "import sys, tcpfwd.cli, tcpfwd.lifecycle, tcpfwd.server, tcpfwd.supervisor\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    result = run(sys.executable, "-c", probe)
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    for heavy in ("aiohttp", "prometheus_client", "re2", "urllib.request", "tcpfwd.admin"):
+        assert heavy not in loaded, f"{heavy} is imported at start"
