@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from support import ROOT, SPLICE_AVAILABLE, Tcpfwd, parse_logfmt
+from tcpfwd.vocabulary import RelayMode
 
 # Child processes (``python -m tcpfwd``, workers, benchmarks) run this checkout's code,
 # whatever copy of the package is installed: a second work tree tests its own changes.
@@ -19,18 +20,18 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 RELAYS = [
-    "copy",
+    RelayMode.COPY,
     pytest.param(
-        "splice", marks=pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no splice(2) here")
+        RelayMode.SPLICE, marks=pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no splice(2) here")
     ),
 ]
 QUICK_MODE_COMMANDS = ("run", "check")
 
 
 @pytest.fixture(params=RELAYS)
-def relay_mode(request: pytest.FixtureRequest) -> str:
+def relay_mode(request: pytest.FixtureRequest) -> RelayMode:
     """Each relay in turn; ``run_tcpfwd`` forces it in tests that use this fixture."""
-    mode: str = request.param
+    mode: RelayMode = request.param
     return mode
 
 

@@ -33,6 +33,7 @@ from support import (
     write_config,
 )
 from tcpfwd.admin import STATUS_PAGE
+from tcpfwd.vocabulary import AdminState, End, Outcome
 
 TOKEN = "s3cret-token-of-enough-length"
 
@@ -90,28 +91,41 @@ def test_metrics_count_what_the_sessions_did(run_tcpfwd, tmp_path):
         proxy.wait_for_access(3)
         samples = metric_samples(url)
         mail = (("service", "mail"),)
-        assert samples[("tcpfwd_sessions_total", (("end", "client_closed"), *mail))] == 3
+        assert samples[("tcpfwd_sessions_total", (("end", End.CLIENT_CLOSED), *mail))] == 3
         assert samples[("tcpfwd_sessions_active", mail)] == 0
         # Passive health marks "a" down after its first refusal; later sessions skip it.
         assert (
             samples[
-                ("tcpfwd_backend_attempts_total", (("backend", "a"), ("outcome", "refused"), *mail))
+                (
+                    "tcpfwd_backend_attempts_total",
+                    (("backend", "a"), ("outcome", Outcome.REFUSED), *mail),
+                )
             ]
             == 1
         )
         assert samples[("tcpfwd_backend_up", (("backend", "a"), *mail))] == 0
         assert samples[("tcpfwd_backend_up", (("backend", "b"), *mail))] == 1
         assert (
-            samples[("tcpfwd_backend_attempts_total", (("backend", "b"), ("outcome", "ok"), *mail))]
+            samples[
+                (
+                    "tcpfwd_backend_attempts_total",
+                    (("backend", "b"), ("outcome", Outcome.OK), *mail),
+                )
+            ]
             == 3
         )
-        assert samples[("tcpfwd_failovers_total", (("reason", "refused"), *mail))] == 1
+        assert samples[("tcpfwd_failovers_total", (("reason", Outcome.REFUSED), *mail))] == 1
         assert samples[("tcpfwd_backend_sessions_total", (("backend", "b"), *mail))] == 3
         assert samples[("tcpfwd_bytes_total", (("direction", "from_client"), *mail))] == 15
         assert samples[("tcpfwd_bytes_total", (("direction", "from_backend"), *mail))] == 24
         assert samples[("tcpfwd_connect_duration_seconds_count", mail)] == 3
         assert (
-            samples[("tcpfwd_backend_admin_state", (("backend", "a"), *mail, ("state", "enabled")))]
+            samples[
+                (
+                    "tcpfwd_backend_admin_state",
+                    (("backend", "a"), *mail, ("state", AdminState.ENABLED)),
+                )
+            ]
             == 1
         )
 
@@ -134,7 +148,7 @@ def test_status_json_describes_services_backends_and_recent_failovers(run_tcpfwd
         assert service["backends"][0]["failed_attempts"] == 1
         assert service["backends"][1]["sessions_total"] == 1
         (failover,) = document["recent_failovers"]
-        assert failover["failed"][0]["outcome"] == "refused"
+        assert failover["failed"][0]["outcome"] == Outcome.REFUSED
         assert failover["backend"] == "b"
 
 
@@ -194,14 +208,14 @@ def test_status_and_backend_commands_use_the_admin_endpoint_of_the_config(run_tc
         # Port 0 in the file: point the commands at the bound port, with the file's token.
         drained = run_command("backend", "drain", "mail/a", "--admin", url, "--token", TOKEN)
         assert drained.returncode == 0, drained.stderr
-        assert drained.stdout.strip() == "mail/a: draining"
+        assert drained.stdout.strip() == f"mail/a: {AdminState.DRAINING}"
         shown = run_command("status", "--admin", url, "--token", TOKEN)
         assert shown.returncode == 0, shown.stderr
         lines = shown.stdout.splitlines()
         assert lines[0].startswith("tcpfwd ") and "serving" in lines[0]
         backend_a = next(line for line in lines if line.strip().startswith("a "))
         # Nothing has tried "a" yet: its health is not known.
-        assert backend_a.split()[:4] == ["a", first.address, "unknown", "draining"]
+        assert backend_a.split()[:4] == ["a", first.address, "unknown", AdminState.DRAINING]
         refused = run_command("status", "--admin", url)
         assert refused.returncode == 1
         assert "401" in refused.stderr
@@ -242,7 +256,7 @@ def test_status_page_renders_in_headless_chromium(run_tcpfwd, tmp_path):
         assert 'data-service="mail"' in dom
         assert 'data-backend="a"' in dom
         assert 'data-backend="b"' in dom
-        assert "refused" in dom
+        assert Outcome.REFUSED in dom
         screenshot = tmp_path / "status.png"
         chromium(tmp_path, f"--screenshot={screenshot}", url + "/")
         width, height, distinct_rows = png_size_and_colours(screenshot)

@@ -25,6 +25,7 @@ from support import (
     toml_table,
     write_config,
 )
+from tcpfwd.vocabulary import AdminState
 
 chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 
@@ -91,7 +92,7 @@ def test_a_request_for_another_host_name_is_refused(run_tcpfwd, tmp_path):
             headers={"Host": "rebind.evil.example", "X-Tcpfwd-Action": "disable"},
         )
         assert status == 421
-        assert admin_state(port, "a") == "enabled"
+        assert admin_state(port, "a") == AdminState.ENABLED
         # Its own address, and localhost on loopback, at its own port.
         assert call(port, "/status", headers={"Host": f"127.0.0.1:{port}"})[0] == 200
         assert call(port, "/status", headers={"Host": f"LOCALHOST:{port}"})[0] == 200
@@ -127,7 +128,7 @@ def test_an_action_needs_a_json_body_or_the_action_header(run_tcpfwd, tmp_path):
             status, answer = call(port, path, method="POST", headers=headers, body=body)
             assert status == 403, (headers, answer)
             assert b"X-Tcpfwd-Action" in answer
-        assert admin_state(port, "a") == "enabled"
+        assert admin_state(port, "a") == AdminState.ENABLED
         assert call(port, path, method="GET")[0] == 405
         status, _ = call(
             port,
@@ -137,12 +138,12 @@ def test_an_action_needs_a_json_body_or_the_action_header(run_tcpfwd, tmp_path):
             body=b'{"action": "disable"}',
         )
         assert status == 200
-        assert admin_state(port, "a") == "disabled"
+        assert admin_state(port, "a") == AdminState.DISABLED
         status, _ = call(
             port, "/backends/mail/a/enable", method="POST", headers={"X-Tcpfwd-Action": "enable"}
         )
         assert status == 200
-        assert admin_state(port, "a") == "enabled"
+        assert admin_state(port, "a") == AdminState.ENABLED
 
 
 def test_an_action_from_another_origin_or_site_is_refused(run_tcpfwd, tmp_path):
@@ -164,11 +165,11 @@ def test_an_action_from_another_origin_or_site_is_refused(run_tcpfwd, tmp_path):
                 port, "/backends/mail/a/drain", method="POST", headers={**action, **extra}
             )
             assert status == 403, (extra, answer)
-        assert admin_state(port, "a") == "enabled"
+        assert admin_state(port, "a") == AdminState.ENABLED
         own = {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}
         status, _ = call(port, "/backends/mail/a/drain", method="POST", headers={**action, **own})
         assert status == 200
-        assert admin_state(port, "a") == "draining"
+        assert admin_state(port, "a") == AdminState.DRAINING
 
 
 def test_the_backend_command_still_acts(run_tcpfwd, tmp_path):
@@ -179,8 +180,8 @@ def test_the_backend_command_still_acts(run_tcpfwd, tmp_path):
         port = admin_port(proxy)
         done = run_command("backend", "disable", "mail/b", "--admin", f"http://localhost:{port}")
         assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == "mail/b: disabled"
-        assert admin_state(port, "b") == "disabled"
+        assert done.stdout.strip() == f"mail/b: {AdminState.DISABLED}"
+        assert admin_state(port, "b") == AdminState.DISABLED
 
 
 @chromium
@@ -195,11 +196,14 @@ def test_the_status_page_buttons_drain_and_enable_a_backend(run_tcpfwd, tmp_path
             row = '[data-service="mail"] tr[data-backend="a"]'
             page.wait_for(f"!!document.querySelector('{row} button[data-action=drain]')")
             page.click(f'{row} button[data-action="drain"]')
-            page.wait_for(f"document.querySelector('{row}').textContent.includes('draining')")
-            assert admin_state(port, "a") == "draining"
+            shows_draining = (
+                f"document.querySelector('{row}').textContent.includes('{AdminState.DRAINING}')"
+            )
+            page.wait_for(shows_draining)
+            assert admin_state(port, "a") == AdminState.DRAINING
             page.click(f'{row} button[data-action="enable"]')
-            page.wait_for(f"!document.querySelector('{row}').textContent.includes('draining')")
-            assert admin_state(port, "a") == "enabled"
+            page.wait_for(f"!{shows_draining}")
+            assert admin_state(port, "a") == AdminState.ENABLED
             assert "error" not in page.evaluate("document.getElementById('meta').innerHTML")
 
 
@@ -252,5 +256,5 @@ def test_a_form_auto_submitted_from_another_loopback_origin_is_refused(run_tcpfw
                 "(() => { try { return window.frames.sink.location.href !== 'about:blank'; }"
                 " catch (e) { return true; } })()"
             )
-        assert admin_state(port, "a") == "enabled"
-        assert admin_state(port, "b") == "enabled"
+        assert admin_state(port, "a") == AdminState.ENABLED
+        assert admin_state(port, "b") == AdminState.ENABLED

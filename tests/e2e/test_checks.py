@@ -21,6 +21,7 @@ from support import (
 )
 from tcpfwd.checks import CheckResult, Probe, run_check
 from tcpfwd.resolver import Resolver
+from tcpfwd.vocabulary import CheckKind, Outcome
 
 
 async def check(probe: Probe, address: str) -> CheckResult:
@@ -30,36 +31,38 @@ async def check(probe: Probe, address: str) -> CheckResult:
 
 async def test_tcp_check_passes_when_the_connect_does():
     with echo_server() as live:
-        assert await check(Probe("tcp", 1.0), live.address) == CheckResult(True, "tcp")
+        assert await check(Probe(CheckKind.TCP, 1.0), live.address) == CheckResult(
+            True, CheckKind.TCP
+        )
 
 
 async def test_tcp_check_fails_on_refusal():
     with refused_port() as dead:
-        assert await check(Probe("tcp", 1.0), dead) == CheckResult(False, "refused")
+        assert await check(Probe(CheckKind.TCP, 1.0), dead) == CheckResult(False, Outcome.REFUSED)
 
 
 async def test_unresolvable_name_fails_the_check():
-    result = await check(Probe("tcp", 2.0), "no-such-host.invalid:25")
-    assert result == CheckResult(False, "dns")
+    result = await check(Probe(CheckKind.TCP, 2.0), "no-such-host.invalid:25")
+    assert result == CheckResult(False, Outcome.DNS)
 
 
 async def test_send_expect_matches_a_regex_in_the_reply():
     with echo_server(b"+OK hello\r\n") as live:
-        probe = Probe("send", 1.0, send=b"PING\r\n", expect=re.compile(rb"^\+OK.*\n.*PING"))
+        probe = Probe(CheckKind.SEND, 1.0, send=b"PING\r\n", expect=re.compile(rb"^\+OK.*\n.*PING"))
         assert (await check(probe, live.address)).ok
 
 
 async def test_send_expect_fails_when_the_reply_does_not_match():
     with greeter_server(b"-ERR no\r\n") as bad:
-        probe = Probe("send", 1.0, expect=re.compile(rb"^\+OK"))
+        probe = Probe(CheckKind.SEND, 1.0, expect=re.compile(rb"^\+OK"))
         result = await check(probe, bad.address)
         assert result == CheckResult(False, "expect: no match in '-ERR no'")
 
 
 async def test_a_check_is_bounded_by_its_timeout():
     with silent_server() as silent:
-        result = await check(Probe("send", 0.2, expect=re.compile(b"x")), silent.address)
-        assert result == CheckResult(False, "timeout")
+        result = await check(Probe(CheckKind.SEND, 0.2, expect=re.compile(b"x")), silent.address)
+        assert result == CheckResult(False, Outcome.TIMEOUT)
 
 
 @pytest.mark.parametrize(
@@ -68,19 +71,21 @@ async def test_a_check_is_bounded_by_its_timeout():
 )
 async def test_smtp_check_fails_on_an_error_greeting(greeting, detail):
     with greeter_server(greeting) as busy:
-        assert await check(Probe("smtp", 1.0), busy.address) == CheckResult(False, detail)
+        assert await check(Probe(CheckKind.SMTP, 1.0), busy.address) == CheckResult(False, detail)
 
 
 async def test_smtp_check_fails_on_a_backend_that_is_not_smtp():
     with echo_server(b"SSH-2.0-OpenSSH\r\n") as other:
-        assert await check(Probe("smtp", 1.0), other.address) == CheckResult(
+        assert await check(Probe(CheckKind.SMTP, 1.0), other.address) == CheckResult(
             False, "smtp greeting: not smtp"
         )
 
 
 async def test_smtp_check_passes_against_a_real_smtp_server():
     with SmtpBackend() as smtp:
-        assert await check(Probe("smtp", 2.0), smtp.address) == CheckResult(True, "smtp")
+        assert await check(Probe(CheckKind.SMTP, 2.0), smtp.address) == CheckResult(
+            True, CheckKind.SMTP
+        )
 
 
 def _client_sessions(smtp: SmtpBackend) -> list[list[str]]:

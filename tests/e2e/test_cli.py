@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from support import ROOT, echo_server, exchange, refused_port, run_command
+from tcpfwd.vocabulary import Outcome
 
 EXAMPLES = ROOT / "examples"
 
@@ -93,7 +94,7 @@ backends = ["{backend.address}"]
         assert exchange(proxy.address("two"), b"2") == b"from file\n2"
         first, second = proxy.access_records(2)
         assert (first["service"], second["service"]) == ("one", "two")
-        assert [a["outcome"] for a in first["attempts"]] == ["refused", "ok"]
+        assert [a["outcome"] for a in first["attempts"]] == [Outcome.REFUSED, Outcome.OK]
 
 
 def test_relay_option_takes_only_known_relays():

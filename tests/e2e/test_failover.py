@@ -17,6 +17,7 @@ from support import (
     recv_exactly,
     refused_port,
 )
+from tcpfwd.vocabulary import End, Outcome
 
 # For the tests where bytes flow (held early bytes, greetings, byte counts): both relays.
 each_relay = pytest.mark.usefixtures("relay_mode")
@@ -37,7 +38,7 @@ def test_second_backend_used_when_first_refuses(run_tcpfwd):
         assert exchange(proxy.address(), b"ping") == b"two\nping"
         (record,) = proxy.access_records(1)
         assert record["backend"] == live.address
-        assert record["failed"].startswith(f"{dead}/refused/")
+        assert record["failed"].startswith(f"{dead}/{Outcome.REFUSED}/")
 
 
 def test_without_passive_health_every_connection_tries_the_list_again_in_order(run_tcpfwd):
@@ -46,7 +47,7 @@ def test_without_passive_health_every_connection_tries_the_list_again_in_order(r
         for _ in range(5):
             assert exchange(proxy.address(), b"x") == b"two\nx"
         records = proxy.access_records(5)
-        assert all(r["failed"].startswith(f"{dead}/refused/") for r in records)
+        assert all(r["failed"].startswith(f"{dead}/{Outcome.REFUSED}/") for r in records)
 
 
 def test_unresolvable_hostname_is_skipped(run_tcpfwd):
@@ -54,7 +55,7 @@ def test_unresolvable_hostname_is_skipped(run_tcpfwd):
         proxy = run_tcpfwd("127.0.0.1:0", "no-such-host.invalid:25", live.address)
         assert exchange(proxy.address(), b"x") == b"live\nx"
         (record,) = proxy.access_records(1)
-        assert record["failed"].startswith("no-such-host.invalid:25/dns/")
+        assert record["failed"].startswith(f"no-such-host.invalid:25/{Outcome.DNS}/")
 
 
 def test_hostname_backend_is_resolved_at_connect_time(run_tcpfwd):
@@ -75,7 +76,7 @@ def test_connect_timeout_moves_on_to_the_next_backend(run_tcpfwd):
         assert exchange(proxy.address(), b"x") == b"live\nx"
         assert time.monotonic() - started >= 0.3
         (record,) = proxy.access_records(1)
-        assert record["failed"].startswith(f"{hole}/timeout/")
+        assert record["failed"].startswith(f"{hole}/{Outcome.TIMEOUT}/")
 
 
 def test_failover_timeout_bounds_the_whole_sequence(run_tcpfwd):
@@ -94,8 +95,8 @@ def test_failover_timeout_bounds_the_whole_sequence(run_tcpfwd):
         with connect(proxy.address()) as client:
             assert recv_all(client) == b""
         (record,) = proxy.access_records(1)
-        assert record["end"] == "no_backend"
-        assert "failover_timeout" in record["failed"]
+        assert record["end"] == End.NO_BACKEND
+        assert Outcome.FAILOVER_TIMEOUT in record["failed"]
         assert live.accepted == 0
 
 
@@ -106,9 +107,9 @@ def test_all_backends_down_closes_the_client_without_a_byte(run_tcpfwd):
             client.sendall(b"hello?")
             assert recv_all(client) == b""
         (record,) = proxy.access_records(1)
-        assert record["end"] == "no_backend"
+        assert record["end"] == End.NO_BACKEND
         assert record["backend"] == "-"
-        assert record["failed"].count("/refused/") == 2
+        assert record["failed"].count(f"/{Outcome.REFUSED}/") == 2
 
 
 @each_relay
@@ -132,7 +133,7 @@ def test_client_that_leaves_during_failover_is_logged_as_aborted(run_tcpfwd):
         time.sleep(0.2)
         client.close()
         (record,) = proxy.access_records(1, timeout=3)
-        assert record["end"] == "client_aborted"
+        assert record["end"] == End.CLIENT_ABORTED
 
 
 @each_relay
@@ -153,7 +154,7 @@ def test_access_line_names_client_listener_backend_and_local_address(run_tcpfwd)
         assert record["local"].startswith("127.0.0.1:")
         assert record["from_client"] == "5"
         assert record["from_backend"] == "5"
-        assert record["end"] == "client_closed"
+        assert record["end"] == End.CLIENT_CLOSED
 
 
 @each_relay
@@ -162,7 +163,7 @@ def test_json_access_log_carries_every_attempt(run_tcpfwd):
         proxy = run_tcpfwd("127.0.0.1:0", dead, live.address, "--log-format", "json")
         assert exchange(proxy.address(), b"abc") == b"hi\nabc"
         (record,) = proxy.access_records(1)
-        assert [a["outcome"] for a in record["attempts"]] == ["refused", "ok"]
+        assert [a["outcome"] for a in record["attempts"]] == [Outcome.REFUSED, Outcome.OK]
         assert record["attempts"][0]["address"] == dead
         assert record["backend"] == live.address
         assert record["from_client"] == 3

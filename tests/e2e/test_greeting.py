@@ -16,6 +16,7 @@ from support import (
     silent_server,
     write_config,
 )
+from tcpfwd.vocabulary import Outcome
 
 LIVE_GREETING = b"220 live.example ESMTP\r\n"
 
@@ -52,9 +53,9 @@ def test_only_the_live_backends_greeting_reaches_clients(run_tcpfwd):
                 assert recv_all(client) == LIVE_GREETING
         for record in proxy.access_records(5):
             assert _outcomes(record) == [
-                "greeting_closed",
-                "greeting_mismatch:421",
-                "greeting_timeout",
+                Outcome.GREETING_CLOSED,
+                f"{Outcome.GREETING_MISMATCH}:421",
+                Outcome.GREETING_TIMEOUT,
             ]
             assert record["backend"] == live.address
 
@@ -100,7 +101,7 @@ def test_greeting_timeout_is_its_own_setting(run_tcpfwd, tmp_path):
         assert exchange(proxy.address(), b"") == LIVE_GREETING
         (record,) = proxy.access_records(1)
         (attempt,) = failed_attempts(record)
-        assert attempt.split("/")[-2] == "greeting_timeout"
+        assert attempt.split("/")[-2] == Outcome.GREETING_TIMEOUT
         # The event loop's timers tick in whole milliseconds; the attempt is measured finer.
         assert 198 <= float(attempt.split("/")[-1].rstrip("ms")) < 1000
 
@@ -111,10 +112,10 @@ def test_a_failed_greeting_marks_the_backend_down(run_tcpfwd):
         for _ in range(10):
             assert exchange(proxy.address(), b"") == LIVE_GREETING
         first, *rest = proxy.access_records(10)
-        assert _outcomes(first) == ["greeting_mismatch:554"]
+        assert _outcomes(first) == [f"{Outcome.GREETING_MISMATCH}:554"]
         assert all(r["failed"] == "-" for r in rest)
         proxy.wait_for_event(
-            f"backend default/{refuser.address} is down: greeting_mismatch:554 (passive)"
+            f"backend default/{refuser.address} is down: {Outcome.GREETING_MISMATCH}:554 (passive)"
         )
 
 

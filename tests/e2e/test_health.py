@@ -20,12 +20,13 @@ from support import (
     refused_port,
     write_config,
 )
+from tcpfwd.vocabulary import CheckKind, End, Outcome
 
 # --- passive health ---------------------------------------------------------------------
 
 
 def _paid_a_timeout(records) -> int:
-    return sum(any("/timeout/" in a for a in failed_attempts(r)) for r in records)
+    return sum(any(f"/{Outcome.TIMEOUT}/" in a for a in failed_attempts(r)) for r in records)
 
 
 def test_blackholed_first_backend_costs_at_most_one_client_a_timeout(run_tcpfwd):
@@ -42,7 +43,7 @@ def test_blackholed_first_backend_costs_at_most_one_client_a_timeout(run_tcpfwd)
         print(f"blackhole: {paid} of 200 connections paid a connect timeout")
         assert paid <= 1
         assert all(r["backend"] == live.address for r in records)
-        proxy.wait_for_event(f"backend default/{hole} is down: timeout (passive)")
+        proxy.wait_for_event(f"backend default/{hole} is down: {Outcome.TIMEOUT} (passive)")
 
 
 def test_two_dead_backends_before_a_live_one_every_connection_succeeds(run_tcpfwd):
@@ -51,7 +52,10 @@ def test_two_dead_backends_before_a_live_one_every_connection_succeeds(run_tcpfw
         for _ in range(50):
             assert exchange(proxy.address(), b"x") == b"live\nx"
         first, *rest = proxy.access_records(50)
-        assert [a.split("/")[-2] for a in failed_attempts(first)] == ["refused", "refused"]
+        assert [a.split("/")[-2] for a in failed_attempts(first)] == [
+            Outcome.REFUSED,
+            Outcome.REFUSED,
+        ]
         # Both are down now: later connections go straight to the live one.
         assert all(r["failed"] == "-" and r["backend"] == live.address for r in rest)
 
@@ -62,7 +66,7 @@ def test_every_state_change_is_logged_once_with_its_reason(run_tcpfwd):
         for _ in range(5):
             exchange(proxy.address(), b"x")
         proxy.access_records(5)
-        proxy.wait_for_event(f"backend default/{dead} is down: refused (passive)")
+        proxy.wait_for_event(f"backend default/{dead} is down: {Outcome.REFUSED} (passive)")
         assert sum(f"backend default/{dead} is" in e for e in proxy.events) == 1
 
 
@@ -76,7 +80,7 @@ def test_when_every_backend_is_down_all_are_still_tried_in_order(run_tcpfwd):
         # Both are marked down (the probe has not yet run): fail open, in configured order.
         assert exchange(proxy.address(), b"x") == b"x"
         records = proxy.access_records(2)
-        assert records[1]["failed"].startswith(f"{dead}/refused/")
+        assert records[1]["failed"].startswith(f"{dead}/{Outcome.REFUSED}/")
         assert records[1]["backend"] == late.address
 
 
@@ -93,7 +97,7 @@ def _recovery_seconds(proxy, backend: ThreadedServer) -> float:
     return event_time(line) - opened
 
 
-@pytest.mark.parametrize("check", ["tcp", "none"])
+@pytest.mark.parametrize("check", [CheckKind.TCP, CheckKind.NONE])
 def test_a_backend_that_returns_is_used_again_within_rise_times_interval(run_tcpfwd, check):
     with (
         ThreadedServer(echo_handler(b"one\n"), dormant=True) as first,
@@ -108,7 +112,7 @@ def test_a_backend_that_returns_is_used_again_within_rise_times_interval(run_tcp
             "--check-interval",
             f"{INTERVAL}s",
         )
-        if check == "none":
+        if check == CheckKind.NONE:
             # Only a client's failed attempt can take it down; the recovery probe brings it back.
             assert exchange(proxy.address(), b"x") == b"two\nx"
         recovery = _recovery_seconds(proxy, first)
@@ -134,8 +138,8 @@ def test_held_client_is_served_when_a_backend_returns(run_tcpfwd):
         (record,) = proxy.access_records(1)
         assert record["backend"] == late.address
         assert record["held"] != "-" and float(record["held"].rstrip("s")) > 0
-        assert "/refused/" in record["failed"]
-        assert record["end"] == "client_closed"
+        assert f"/{Outcome.REFUSED}/" in record["failed"]
+        assert record["end"] == End.CLIENT_CLOSED
 
 
 def test_held_client_is_closed_cleanly_when_the_hold_expires(run_tcpfwd):
@@ -146,10 +150,10 @@ def test_held_client_is_closed_cleanly_when_the_hold_expires(run_tcpfwd):
             # A FIN, not a reset: recv_all raises on a reset.
             assert recv_all(client) == b""
         (record,) = proxy.access_records(1)
-        assert record["end"] == "no_backend"
+        assert record["end"] == End.NO_BACKEND
         assert float(record["held"].rstrip("s")) >= 0.7
         # The list was retried with backoff, not once and not in a busy loop.
-        assert 3 <= record["failed"].count("/refused/") <= 10
+        assert 3 <= record["failed"].count(f"/{Outcome.REFUSED}/") <= 10
 
 
 def test_without_hold_mode_the_client_is_closed_at_once(run_tcpfwd):
@@ -159,7 +163,7 @@ def test_without_hold_mode_the_client_is_closed_at_once(run_tcpfwd):
             assert recv_all(client) == b""
         (record,) = proxy.access_records(1)
         assert record["held"] == "-"
-        assert record["failed"].count("/refused/") == 1
+        assert record["failed"].count(f"/{Outcome.REFUSED}/") == 1
 
 
 def test_client_leaving_during_the_hold_ends_the_session_at_once(run_tcpfwd):
@@ -169,7 +173,7 @@ def test_client_leaving_during_the_hold_ends_the_session_at_once(run_tcpfwd):
         proxy.wait_for_event(f"backend default/{dead} is down")
         client.close()
         (record,) = proxy.access_records(1, timeout=5)
-        assert record["end"] == "client_aborted"
+        assert record["end"] == End.CLIENT_ABORTED
         assert float(record["duration"].rstrip("s")) < 5
 
 
@@ -228,7 +232,7 @@ def test_a_later_tier_is_used_when_the_earlier_tier_fails(run_tcpfwd, tmp_path):
         proxy = run_tcpfwd("run", "--config", str(config))
         assert exchange(proxy.address("mail"), b"") == b"backup"
         (record,) = proxy.access_records(1)
-        assert record["failed"].startswith(f"primary/{dead}/refused/")
+        assert record["failed"].startswith(f"primary/{dead}/{Outcome.REFUSED}/")
 
 
 def test_a_full_backend_is_skipped_like_a_down_one(run_tcpfwd, tmp_path):

@@ -31,6 +31,7 @@ from support import (
     silent_server,
     write_config,
 )
+from tcpfwd.vocabulary import Outcome
 
 LIVE_GREETING = b"220 live.example ESMTP\r\n"
 
@@ -64,9 +65,9 @@ def test_a_blackholed_first_backend_costs_at_most_one_session_a_wait(run_tcpfwd)
     assert len(slow) <= 1
     assert all(r["backend"] == live.address for r in records)
     # Those that met the blackhole first hedged; the rest found it suspect, then down.
-    hedged = [r for r in records if "/overtaken/" in r["failed"]]
+    hedged = [r for r in records if f"/{Outcome.OVERTAKEN}/" in r["failed"]]
     assert 1 <= len(hedged) < 20
-    assert not [r for r in records if "/timeout/" in r["failed"]]
+    assert not [r for r in records if f"/{Outcome.TIMEOUT}/" in r["failed"]]
 
 
 def test_without_hedging_attempts_stay_strictly_one_at_a_time(run_tcpfwd):
@@ -78,7 +79,7 @@ def test_without_hedging_attempts_stay_strictly_one_at_a_time(run_tcpfwd):
         assert exchange(proxy.address(), b"x") == b"live\nx"
         assert time.monotonic() - started >= 0.5
         (record,) = proxy.access_records(1)
-    assert f"{hole}/timeout/" in record["failed"]
+    assert f"{hole}/{Outcome.TIMEOUT}/" in record["failed"]
 
 
 def test_a_backend_that_never_greets_costs_no_client_after_the_first_a_wait(run_tcpfwd):
@@ -95,7 +96,7 @@ def test_a_backend_that_never_greets_costs_no_client_after_the_first_a_wait(run_
     # backend's greeting; nobody after it waits at all.
     assert took[0] < 0.3
     assert all(t < 0.1 for t in took[1:]), took
-    assert "greeting" not in first["failed"] and "/overtaken/" in first["failed"]
+    assert "greeting" not in first["failed"] and f"/{Outcome.OVERTAKEN}/" in first["failed"]
     assert all(r["backend"] == live.address for r in [first, *rest])
 
 
@@ -141,7 +142,7 @@ def test_the_hedge_that_loses_is_closed_before_any_client_byte_or_header(run_tcp
         (record,) = proxy.access_records(1)
     # The late backend got nothing at all: no client byte, no PROXY header.
     assert heard == [b""]
-    assert "/overtaken/" in record["failed"]
+    assert f"/{Outcome.OVERTAKEN}/" in record["failed"]
     assert record["backend"] == live.address
 
 
@@ -173,7 +174,7 @@ def test_an_overdue_backend_is_suspect_then_down_and_hedges_are_counted(run_tcpf
             assert exchange(proxy.address("mail"), b"") == b"live\n"
             assert time.monotonic() - started < 0.1
         # The overtaken attempt times out: passive health hears of it.
-        proxy.wait_for_event("backend mail/dead is down: timeout (passive)", timeout=10)
+        proxy.wait_for_event(f"backend mail/dead is down: {Outcome.TIMEOUT} (passive)", timeout=10)
         metrics = metric_samples(url)
         records = proxy.access_records(2)
     mail = ("service", "mail")
@@ -181,7 +182,7 @@ def test_an_overdue_backend_is_suspect_then_down_and_hedges_are_counted(run_tcpf
     assert metrics[("tcpfwd_backend_hedge_wins_total", (("backend", "live"), mail))] == 1
     # The first session hedged; the second (which ended first) went straight to live.
     assert sorted(r["failed"] == "-" for r in records) == [False, True]
-    assert any("dead/" in r["failed"] and "/overtaken/" in r["failed"] for r in records)
+    assert any("dead/" in r["failed"] and f"/{Outcome.OVERTAKEN}/" in r["failed"] for r in records)
 
 
 @pytest.mark.parametrize("hedge", ["true", "false"])

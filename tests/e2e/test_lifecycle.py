@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from support import connect, echo_server, exchange, recv_all, recv_exactly
+from tcpfwd.vocabulary import End
 
 # Tests with live sessions: drain, grace and descriptor accounting differ by relay.
 each_relay = pytest.mark.usefixtures("relay_mode")
@@ -41,7 +42,7 @@ def test_sigterm_lets_live_sessions_finish_then_exits_zero(run_tcpfwd):
         client.close()
         assert proxy.wait(10) == 0
         (record,) = proxy.access_records(1)
-        assert record["end"] == "client_closed"
+        assert record["end"] == End.CLIENT_CLOSED
 
 
 @each_relay
@@ -59,7 +60,7 @@ def test_sessions_left_after_the_grace_period_are_closed(run_tcpfwd):
             assert recv_all(client) == b""
         client.close()
         (record,) = proxy.access_records(1)
-        assert record["end"] == "shutdown"
+        assert record["end"] == End.SHUTDOWN
 
 
 @each_relay
@@ -125,7 +126,7 @@ def test_at_the_descriptor_limit_clients_wait_in_the_queue_and_are_served_later(
             client.close()
         assert exchange(address, b"after", timeout=10) == b"after"
         records = proxy.access_records(2 * capacity + 1)
-        assert all(r["end"] == "client_closed" for r in records)
+        assert all(r["end"] == End.CLIENT_CLOSED for r in records)
 
 
 def test_accept_backs_off_instead_of_spinning_when_descriptors_run_out():

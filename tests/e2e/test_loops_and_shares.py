@@ -15,7 +15,7 @@ import pytest
 from plane import Plane
 from support import connect, echo_server, exchange, free_port, recv_exactly, write_config
 from tcpfwd.daemonstate import OwnConnections
-from tcpfwd.vocabulary import Reject
+from tcpfwd.vocabulary import End, Reject
 
 
 class Ours:
@@ -141,10 +141,10 @@ backends = ["{backend.address}"]
                 client.settimeout(5)
                 with contextlib.suppress(ConnectionResetError):
                     assert client.recv(100) == b""
-            event = proxy.wait_for_event("(loop)")
+            event = proxy.wait_for_event(f"({Reject.LOOP})")
             # The looping connection was turned away: the client's session found its
             # backend gone, and the loop did not grow.
-            assert proxy.access_records(1)[0]["end"] in ("backend_closed", "backend_reset")
+            assert proxy.access_records(1)[0]["end"] in (End.BACKEND_CLOSED, End.BACKEND_RESET)
             time.sleep(0.3)
             assert len(proxy.access) == 1
             assert exchange(proxy.address("good"), b"still here") == b"still here"

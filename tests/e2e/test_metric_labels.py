@@ -17,6 +17,7 @@ from support import (
     toml_table,
     write_config,
 )
+from tcpfwd.vocabulary import Outcome
 
 CONNECTIONS = 120
 
@@ -64,16 +65,17 @@ def test_random_greetings_do_not_create_metric_series(run_tcpfwd, tmp_path):
     # The access lines name every greeting's first word ...
     details = {r["failed"].split("/")[2] for r in records}
     assert len(details) > CONNECTIONS // 2
-    assert all(d.startswith("greeting_mismatch:") for d in details)
+    mismatch = Outcome.GREETING_MISMATCH
+    assert all(d.startswith(f"{mismatch}:") for d in details)
     # ... the metrics only its kind.
     assert outcomes <= {
-        "ok",
-        "greeting_mismatch_1xx",
-        "greeting_mismatch_2xx",
-        "greeting_mismatch_3xx",
-        "greeting_mismatch_4xx",
-        "greeting_mismatch_5xx",
-        "greeting_mismatch_other",
+        Outcome.OK,
+        f"{mismatch}_1xx",
+        f"{mismatch}_2xx",
+        f"{mismatch}_3xx",
+        f"{mismatch}_4xx",
+        f"{mismatch}_5xx",
+        f"{mismatch}_other",
     }
-    assert "greeting_mismatch_other" in outcomes
-    assert reasons == outcomes - {"ok"}
+    assert f"{mismatch}_other" in outcomes
+    assert reasons == outcomes - {Outcome.OK}

@@ -28,6 +28,7 @@ from support import (
     wait_until,
     write_config,
 )
+from tcpfwd.vocabulary import Reject
 
 
 def wait_until_count(proxy: Tcpfwd, endings: tuple[str, ...], count: int) -> None:
@@ -59,7 +60,7 @@ def test_denied_client_is_closed_at_once_and_never_reaches_a_backend(run_tcpfwd,
         ) as denied:
             assert recv_all(denied) == b""
         assert backend.accepted == 0
-        proxy.wait_for_event("(denied), the latest from 127.0.0.2")
+        proxy.wait_for_event(f"({Reject.DENIED}), the latest from 127.0.0.2")
         # Other clients are served as usual.
         assert exchange(address, b"x") == b"hi\nx"
 
@@ -94,7 +95,7 @@ def test_connections_beyond_the_service_limit_are_closed_at_once(run_tcpfwd, tmp
             assert recv_exactly(client, 1) == b"x"
         with connect(address) as excess:
             assert recv_all(excess) == b""
-        proxy.wait_for_event("(service_limit)")
+        proxy.wait_for_event(f"({Reject.SERVICE_LIMIT})")
         held.pop().close()
         proxy.wait_for_access(1)
         # A place is free again.
@@ -117,7 +118,7 @@ def test_one_client_address_cannot_take_more_than_its_share(run_tcpfwd, tmp_path
             assert recv_exactly(client, 1) == b"x"
         with connect(address) as third:
             assert recv_all(third) == b""
-        proxy.wait_for_event("(client_limit)")
+        proxy.wait_for_event(f"({Reject.CLIENT_LIMIT})")
         # Another address is not affected by the first one's share.
         with socket.create_connection(address, source_address=("127.0.0.3", 0), timeout=5) as other:
             other.sendall(b"z")
@@ -142,7 +143,7 @@ def test_global_limit_counts_every_service(run_tcpfwd, tmp_path):
             assert recv_exactly(client, 1) == b"x"
         with connect(proxy.address("b")) as excess:
             assert recv_all(excess) == b""
-        proxy.wait_for_event("(global_limit)")
+        proxy.wait_for_event(f"({Reject.GLOBAL_LIMIT})")
         first.close()
         second.close()
 

@@ -18,6 +18,7 @@ from support import (
     run_command,
     wait_until,
 )
+from tcpfwd.vocabulary import End, Outcome
 
 # 29 bytes that ``^(a+)+$`` almost matches: Python's re tries every way to split the
 # a's (2**27 of them) before giving up, seconds of CPU on the event loop.
@@ -75,8 +76,8 @@ backends = ["{good.address}"]
             5,
         )
         (record,) = [r for r in proxy.access_records(1) if r["service"] == "slow"]
-        assert record["end"] == "no_backend"
-        assert "greeting_mismatch" in record["failed"]
+        assert record["end"] == End.NO_BACKEND
+        assert Outcome.GREETING_MISMATCH in record["failed"]
 
 
 def test_a_backtracking_check_pattern_does_not_stall_other_services(run_tcpfwd, tmp_path):

@@ -44,6 +44,7 @@ from support import (
     wait_until,
     write_config,
 )
+from tcpfwd.vocabulary import End, Outcome, Reject
 
 pytestmark = [
     pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed"),
@@ -234,13 +235,13 @@ def test_prometheus_scrapes_the_admin_endpoint(scenario: Scenario):
 
 def test_stored_sessions_are_the_sessions_made(scenario: Scenario):
     by_end = scenario.prometheus.values("tcpfwd_sessions_total", "service", "end")
-    assert by_end[("mail", "client_closed")] == MAIL_SESSIONS
-    assert by_end[("dead", "no_backend")] == DEAD_SESSIONS
+    assert by_end[("mail", End.CLIENT_CLOSED)] == MAIL_SESSIONS
+    assert by_end[("dead", End.NO_BACKEND)] == DEAD_SESSIONS
     # Only the kinds of ends the scenario caused: an untrusted peer is turned away before
     # it becomes a session (it is a rejection, below).
     assert {key for key, value in by_end.items() if value} == {
-        ("mail", "client_closed"),
-        ("dead", "no_backend"),
+        ("mail", End.CLIENT_CLOSED),
+        ("dead", End.NO_BACKEND),
     }
     backend_sessions = scenario.prometheus.values(
         'tcpfwd_backend_sessions_total{service="mail"}', "backend"
@@ -255,14 +256,14 @@ def test_stored_sessions_are_the_sessions_made(scenario: Scenario):
 def test_stored_failovers_are_counted_by_reason(scenario: Scenario):
     failovers = scenario.prometheus.values("tcpfwd_failovers_total", "service", "reason")
     # Each worker pays for the refusal once before marking the backend down.
-    assert 1 <= failovers[("mail", "refused")] <= scenario.workers
-    assert failovers[("dead", "refused")] == DEAD_SESSIONS
-    assert set(failovers) == {("mail", "refused"), ("dead", "refused")}
+    assert 1 <= failovers[("mail", Outcome.REFUSED)] <= scenario.workers
+    assert failovers[("dead", Outcome.REFUSED)] == DEAD_SESSIONS
+    assert set(failovers) == {("mail", Outcome.REFUSED), ("dead", Outcome.REFUSED)}
     attempts = scenario.prometheus.values(
         'tcpfwd_backend_attempts_total{service="mail"}', "backend", "outcome"
     )
-    assert attempts[("b", "ok")] == MAIL_SESSIONS
-    assert attempts[("a", "refused")] == failovers[("mail", "refused")]
+    assert attempts[("b", Outcome.OK)] == MAIL_SESSIONS
+    assert attempts[("a", Outcome.REFUSED)] == failovers[("mail", Outcome.REFUSED)]
 
 
 def test_stored_backend_health_is_what_tcpfwd_found(scenario: Scenario):
@@ -292,8 +293,8 @@ def test_stored_bytes_are_the_bytes_sent(scenario: Scenario):
 def test_stored_rejections_are_counted_by_cause(scenario: Scenario):
     rejected = scenario.prometheus.values("tcpfwd_connections_rejected_total", "service", "cause")
     assert rejected == {
-        ("limited", "service_limit"): scenario.rejected_by_limit,
-        ("proxied", "untrusted_source"): UNTRUSTED,
+        ("limited", Reject.SERVICE_LIMIT): scenario.rejected_by_limit,
+        ("proxied", Reject.UNTRUSTED_SOURCE): UNTRUSTED,
     }
 
 
@@ -342,8 +343,8 @@ def expected_alerts(scenario: Scenario) -> set[tuple[str, ...]]:
         ("TcpfwdClientsTurnedAway", "dead"),
         ("TcpfwdHighFailoverRate", "dead"),
         ("TcpfwdServiceNearConnectionLimit", "limited"),
-        ("TcpfwdConnectionsRejectedByLimits", "limited", "service_limit"),
-        ("TcpfwdUntrustedProxySources", "proxied", "untrusted_source"),
+        ("TcpfwdConnectionsRejectedByLimits", "limited", Reject.SERVICE_LIMIT),
+        ("TcpfwdUntrustedProxySources", "proxied", Reject.UNTRUSTED_SOURCE),
     }
     if scenario.workers > 1:
         expected.add(("TcpfwdWorkerRestarting", "1"))

@@ -28,6 +28,7 @@ from tcpfwd.proxy_protocol import (
     encode_v1,
     encode_v2,
 )
+from tcpfwd.vocabulary import End, Reject
 
 TRUSTED = ["--accept-proxy", "--trusted-source", "127.0.0.1/32"]
 CLAIMED = ("192.0.2.7", 40123)
@@ -176,9 +177,9 @@ def test_bad_header_closes_the_connection_without_a_backend(run_tcpfwd, name):
             client.sendall(payload + b"and then data")
             assert closed_without_reply(client)
         (record,) = proxy.access_records(1)
-        event = proxy.wait_for_event("(bad_proxy_header), the latest from 127.0.0.1:")
+        event = proxy.wait_for_event(f"({Reject.BAD_PROXY_HEADER}), the latest from 127.0.0.1:")
         assert backend.accepted == 0
-    assert record["end"] == "bad_proxy_header"
+    assert record["end"] == Reject.BAD_PROXY_HEADER
     assert record["backend"] == "-"
     assert reason in event
     assert "turned away 1 connection(s)" in event
@@ -192,9 +193,9 @@ def test_truncated_header_is_reported_when_the_client_closes(run_tcpfwd):
             client.shutdown(socket.SHUT_WR)
             assert closed_without_reply(client)
         (record,) = proxy.access_records(1)
-        event = proxy.wait_for_event("bad_proxy_header")
+        event = proxy.wait_for_event(Reject.BAD_PROXY_HEADER)
         assert backend.accepted == 0
-    assert record["end"] == "bad_proxy_header"
+    assert record["end"] == Reject.BAD_PROXY_HEADER
     assert "truncated header (20 of 28 bytes)" in event
 
 
@@ -216,9 +217,9 @@ def test_slow_drip_header_times_out(run_tcpfwd):
             assert closed or closed_without_reply(client)
             assert time.monotonic() - started < 3
         (record,) = proxy.access_records(1)
-        event = proxy.wait_for_event("proxy_header_timeout")
+        event = proxy.wait_for_event(Reject.PROXY_HEADER_TIMEOUT)
         assert backend.accepted == 0
-    assert record["end"] == "proxy_header_timeout"
+    assert record["end"] == Reject.PROXY_HEADER_TIMEOUT
     assert "no complete header within 0.5s" in event
 
 
@@ -228,7 +229,7 @@ def test_untrusted_source_is_refused_even_with_a_valid_header(run_tcpfwd):
         with client_from(proxy.address()) as client:
             client.sendall(encode_v1(CLAIMED, DESTINATION) + b"data")
             assert closed_without_reply(client)
-        event = proxy.wait_for_event("untrusted_source")
+        event = proxy.wait_for_event(Reject.UNTRUSTED_SOURCE)
         assert backend.accepted == 0
     # Turned away before a byte is read: no session, so no access line; the claim is
     # never believed: the log names the peer, not the header's address.
@@ -250,7 +251,7 @@ def test_a_client_that_connects_and_leaves_silently_is_not_an_error(run_tcpfwd):
         assert backend.accepted == 0
         # Nothing of those sessions is left open (closing takes a loop turn after the log).
         wait_until(lambda: open_descriptors(proxy.pid) <= before, "sockets to close", 3)
-    assert {r["end"] for r in records} == {"client_closed"}
+    assert {r["end"] for r in records} == {End.CLIENT_CLOSED}
     assert not [e for e in proxy.events if "turned away" in e]
 
 
@@ -298,17 +299,17 @@ def test_bad_clients_do_not_disturb_concurrent_good_sessions(run_tcpfwd):
             thread.join(timeout=30)
         # The untrusted peer is turned away before it becomes a session: no line.
         records = proxy.access_records(len(threads) - 1)
-        proxy.wait_for_event("untrusted_source")
+        proxy.wait_for_event(Reject.UNTRUSTED_SOURCE)
         assert backend.accepted == 5
     assert sorted(good_results) == sorted(
         b"".join(b"%d:%d;" % (i, c) for c in range(20)) for i in range(5)
     )
     assert bad_closed == [True] * (len(BAD_HEADERS) + 2)
     ends = sorted(r["end"] for r in records)
-    assert ends.count("client_closed") == 5
-    assert ends.count("bad_proxy_header") == len(BAD_HEADERS)
-    assert ends.count("untrusted_source") == 0
-    assert ends.count("proxy_header_timeout") == 1
+    assert ends.count(End.CLIENT_CLOSED) == 5
+    assert ends.count(Reject.BAD_PROXY_HEADER) == len(BAD_HEADERS)
+    assert ends.count(Reject.UNTRUSTED_SOURCE) == 0
+    assert ends.count(Reject.PROXY_HEADER_TIMEOUT) == 1
 
 
 def test_a_flood_of_bad_headers_is_logged_as_one_line_with_a_count(run_tcpfwd):
@@ -321,10 +322,10 @@ def test_a_flood_of_bad_headers_is_logged_as_one_line_with_a_count(run_tcpfwd):
         with client_from(proxy.address()) as untrusted:
             assert closed_without_reply(untrusted)
         records = proxy.access_records(30)
-        proxy.wait_for_event("untrusted_source")
+        proxy.wait_for_event(Reject.UNTRUSTED_SOURCE)
         assert backend.accepted == 0
-    assert {r["end"] for r in records} == {"bad_proxy_header"}
+    assert {r["end"] for r in records} == {Reject.BAD_PROXY_HEADER}
     # One line per cause and service in a window: the first connection's, with a count.
     warnings = [e for e in proxy.events if "turned away" in e]
     assert len(warnings) == 2, warnings
-    assert "turned away 1 connection(s) (bad_proxy_header)" in warnings[0]
+    assert f"turned away 1 connection(s) ({Reject.BAD_PROXY_HEADER})" in warnings[0]

@@ -14,6 +14,7 @@ import pytest
 from peers import CLIENT_IP, client_from, haproxy, nginx_stream, postfix, smtp_hello
 from support import echo_server, free_port, recv_all
 from tcpfwd.proxy_protocol import encode_v2
+from tcpfwd.vocabulary import End
 
 SEND_OPTIONS = {
     "v1": ["--send-proxy", "v1"],
@@ -155,7 +156,7 @@ def test_tcpfwd_accepts_haproxy_send_proxy(run_tcpfwd, tmp_path, version):
     assert record["client"] == f"{CLIENT_IP}:{client_port}"
     assert record["via"].startswith("127.0.0.1:")
     assert record["from_client"] == str(len(b"via haproxy"))
-    assert record["end"] == "client_closed"
+    assert record["end"] == End.CLIENT_CLOSED
 
 
 def test_tcpfwd_accepts_nginx_stream_proxy_protocol(run_tcpfwd, tmp_path):

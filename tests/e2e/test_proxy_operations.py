@@ -9,6 +9,7 @@ import pytest
 from peers import RecordingBackend
 from support import closed_without_reply, connect, echo_server, recv_all
 from tcpfwd.proxy_protocol import decode, encode_v1
+from tcpfwd.vocabulary import Reject
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -79,5 +80,5 @@ max_connections_per_client = 1
         second.close()
         records = proxy.access_records(5)
         ends = sorted(r["end"] for r in records)
-        assert ends.count("denied") == 1
-        assert ends.count("client_limit") == 1
+        assert ends.count(Reject.DENIED) == 1
+        assert ends.count(Reject.CLIENT_LIMIT) == 1

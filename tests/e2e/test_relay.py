@@ -27,6 +27,7 @@ from support import (
     recv_all,
     recv_exactly,
 )
+from tcpfwd.vocabulary import End
 
 pytestmark = pytest.mark.usefixtures("relay_mode")
 
@@ -44,7 +45,7 @@ def test_client_half_close_reaches_backend_which_can_still_answer(run_tcpfwd):
             client.shutdown(socket.SHUT_WR)
             assert recv_all(client) == b"got question"
         (record,) = proxy.access_records(1)
-        assert record["end"] == "client_closed"
+        assert record["end"] == End.CLIENT_CLOSED
 
 
 def test_backend_half_close_reaches_client_which_can_still_send(run_tcpfwd):
@@ -63,7 +64,7 @@ def test_backend_half_close_reaches_client_which_can_still_send(run_tcpfwd):
             client.shutdown(socket.SHUT_WR)
             assert received.get(timeout=10) == b"still talking after your EOF"
         (record,) = proxy.access_records(1)
-        assert record["end"] == "backend_closed"
+        assert record["end"] == End.BACKEND_CLOSED
 
 
 def test_backend_reset_closes_the_client_promptly(run_tcpfwd):
@@ -81,7 +82,7 @@ def test_backend_reset_closes_the_client_promptly(run_tcpfwd):
                 assert recv_all(client) == b""
             assert time.monotonic() - started < 2
         (record,) = proxy.access_records(1)
-        assert record["end"] == "backend_reset"
+        assert record["end"] == End.BACKEND_RESET
 
 
 def test_client_reset_closes_the_backend_promptly(run_tcpfwd):
@@ -101,7 +102,7 @@ def test_client_reset_closes_the_backend_promptly(run_tcpfwd):
         client.close()
         assert backend_saw_end.wait(2)
         (record,) = proxy.access_records(1)
-        assert record["end"] == "client_reset"
+        assert record["end"] == End.CLIENT_RESET
 
 
 def test_early_data_goes_first_even_to_a_backend_slow_to_read(run_tcpfwd):
@@ -152,7 +153,7 @@ def test_random_data_over_many_parallel_sessions_arrives_intact(run_tcpfwd):
             results = list(pool.map(roundtrip, range(80)))
         assert all(results)
         records = proxy.access_records(80)
-        assert all(r["end"] == "client_closed" for r in records)
+        assert all(r["end"] == End.CLIENT_CLOSED for r in records)
 
 
 def test_gigabyte_to_a_slow_reader_keeps_bouncer_memory_bounded_and_idle(run_tcpfwd):
@@ -217,7 +218,7 @@ def test_idle_session_is_closed_after_idle_timeout(run_tcpfwd):
             waited = time.monotonic() - started
         assert 0.3 <= waited < 2.0
         (record,) = proxy.access_records(1)
-        assert record["end"] == "idle_timeout"
+        assert record["end"] == End.IDLE_TIMEOUT
 
 
 def test_active_session_outlives_idle_timeout(run_tcpfwd):
@@ -231,7 +232,7 @@ def test_active_session_outlives_idle_timeout(run_tcpfwd):
             client.shutdown(socket.SHUT_WR)
             assert recv_all(client) == b""
         (record,) = proxy.access_records(1)
-        assert record["end"] == "client_closed"
+        assert record["end"] == End.CLIENT_CLOSED
 
 
 def _sockets_of(pid: int, port: int) -> list[str]:

@@ -20,6 +20,7 @@ from plane import CLIENT, Plane, read_until_eof
 from support import RST_ON_CLOSE, SPLICE_AVAILABLE, ThreadedServer, echo_server, refused_port
 from tcpfwd.proxy_protocol import encode_v1
 from tcpfwd.relay import CHUNK
+from tcpfwd.vocabulary import End, Outcome, RelayMode
 
 
 async def test_a_session_joins_its_client_to_the_first_backend_and_logs_one_record():
@@ -37,7 +38,7 @@ async def test_a_session_joins_its_client_to_the_first_backend_and_logs_one_reco
     assert record.backend == backend.address
     assert record.from_client == 4
     assert record.from_backend == 7
-    assert record.end == "client_closed"
+    assert record.end == End.CLIENT_CLOSED
     assert record.client == "192.0.2.10:40000"
     assert not plane.daemon.sessions
     assert plane.service.stats.active == 0
@@ -57,7 +58,7 @@ async def test_failover_to_the_second_backend_records_the_first_failure():
             (record,) = await plane.ended(1)
         finally:
             plane.close()
-    assert [(a.address, a.outcome) for a in record.failed] == [(dead, "refused")]
+    assert [(a.address, a.outcome) for a in record.failed] == [(dead, Outcome.REFUSED)]
     assert record.backend == live.address
 
 
@@ -109,7 +110,7 @@ async def test_a_slow_reader_keeps_at_most_one_chunk_waiting_in_the_session():
 
     payload = os.urandom(16 << 20)
     with ThreadedServer(stalled) as backend:
-        plane = Plane(backends=[backend.address], relay="copy")
+        plane = Plane(backends=[backend.address], relay=RelayMode.COPY)
         try:
             client, session = plane.pair()
             loop = asyncio.get_running_loop()
@@ -157,7 +158,7 @@ async def test_a_half_close_each_way_is_passed_on_and_the_other_way_still_flows(
         finally:
             plane.close()
     assert seen_eof.is_set()
-    assert record.end == "client_closed"
+    assert record.end == End.CLIENT_CLOSED
 
 
 async def test_a_backend_reset_resets_the_client():
@@ -189,7 +190,7 @@ async def test_a_backend_reset_resets_the_client():
         finally:
             user.close()
             plane.close()
-    assert record.end == "backend_reset"
+    assert record.end == End.BACKEND_RESET
 
 
 @pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no splice(2) here")
@@ -212,8 +213,8 @@ async def test_auto_relay_copies_a_short_session_and_splices_once_a_direction_is
         # Pipes given back once drained wait in the pool: the bulk session used some.
         pipes_used = len(plane.daemon.pipes)
     short, long = plane.records
-    assert short.relay == "copy"
-    assert long.relay == "splice"
+    assert short.relay == RelayMode.COPY
+    assert long.relay == RelayMode.SPLICE
     assert pipes_used > 0, "the bulk session never took a pipe"
 
 
@@ -239,7 +240,7 @@ async def test_a_client_turned_away_gets_a_fin_even_with_unread_bytes():
             finally:
                 user.close()
                 plane.close()
-            assert record.end == "no_backend"
+            assert record.end == End.NO_BACKEND
 
 
 async def test_an_idle_session_keeps_little_python_memory():

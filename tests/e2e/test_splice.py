@@ -29,6 +29,7 @@ from support import (
     wait_until,
 )
 from tcpfwd.splice import PIPE_POOL_MAX
+from tcpfwd.vocabulary import End, RelayMode
 
 pytestmark = pytest.mark.skipif(not SPLICE_AVAILABLE, reason="no splice(2) here")
 
@@ -41,8 +42,8 @@ def test_auto_relay_copies_short_sessions_and_splices_bulk_ones(run_tcpfwd):
         for proxy in (auto, copy):
             assert exchange(proxy.address(), b"which?") == b"which?"
             assert exchange(proxy.address(), bulk) == bulk
-        assert [r["relay"] for r in auto.access_records(2)] == ["copy", "splice"]
-        assert [r["relay"] for r in copy.access_records(2)] == ["copy", "copy"]
+        assert [r["relay"] for r in auto.access_records(2)] == [RelayMode.COPY, RelayMode.SPLICE]
+        assert [r["relay"] for r in copy.access_records(2)] == [RelayMode.COPY, RelayMode.COPY]
 
 
 def test_a_pipe_left_with_bytes_is_never_given_to_another_session(run_tcpfwd):
@@ -73,13 +74,13 @@ def test_a_pipe_left_with_bytes_is_never_given_to_another_session(run_tcpfwd):
         assert flooding.wait(5)
         (first,) = proxy.access_records(1, timeout=10)
         stuck.close()
-        assert first["end"] == "idle_timeout"
+        assert first["end"] == End.IDLE_TIMEOUT
         assert int(first["from_backend"]) > 0
         for i in range(4):
             payload = b"hello %d " % i * 1000
             assert exchange(proxy.address(), payload) == payload
         records = proxy.access_records(5)
-        assert [r["relay"] for r in records] == ["splice"] * 5
+        assert [r["relay"] for r in records] == [RelayMode.SPLICE] * 5
 
 
 def test_descriptors_return_to_a_bound_after_many_sessions(run_tcpfwd):
@@ -142,7 +143,7 @@ def test_descriptors_return_to_a_bound_after_many_sessions(run_tcpfwd):
 
         after_first = round_of_sessions(80, logged=81)
         ends = {r["end"] for r in proxy.access_records(81)[1:]}
-        assert ends >= {"client_closed", "client_reset", "backend_reset", "idle_timeout"}
+        assert ends >= {End.CLIENT_CLOSED, End.CLIENT_RESET, End.BACKEND_RESET, End.IDLE_TIMEOUT}
         after_second = round_of_sessions(80, logged=161)
         assert after_first <= bound
         assert after_second <= after_first
@@ -173,7 +174,7 @@ def test_idle_spliced_sessions_hold_no_pipes(run_tcpfwd):
         for client in clients:
             client.close()
         records = proxy.access_records(51)
-        assert all(r["relay"] == "splice" for r in records[1:])
+        assert all(r["relay"] == RelayMode.SPLICE for r in records[1:])
 
 
 @pytest.mark.relay_fallback_allowed
@@ -211,5 +212,5 @@ def test_at_a_low_descriptor_limit_no_accepted_client_is_dropped_and_health_is_u
         records = proxy.access_records(700, timeout=30)
     assert capacity < 700
     assert all(r["failed"] == "-" for r in records), [r for r in records if r["failed"] != "-"]
-    assert all(r["end"] == "client_closed" for r in records)
+    assert all(r["end"] == End.CLIENT_CLOSED for r in records)
     assert not [e for e in proxy.events if " is down" in e]

@@ -21,6 +21,7 @@ from support import (
     wait_until,
     write_config,
 )
+from tcpfwd.vocabulary import Outcome
 
 TRAFFIC = 30
 
@@ -79,7 +80,7 @@ def test_status_json_carries_the_last_hour_of_each_service_and_backend(
         assert last(b["history"]["failovers_per_min"]) == 0
         # Health: a went down on the refusal (when and why), b stayed up.
         (change,) = a["history"]["changes"]
-        assert change["health"] == "down" and "refused" in change["reason"]
+        assert change["health"] == "down" and Outcome.REFUSED in change["reason"]
         assert abs(change["at"] - a["last_change"]) < 0.01
         assert last(a["history"]["up"]) < 1, "down for part of the bucket in progress"
         assert b["history"]["up"][-1] == 1 and b["history"]["changes"] == []

@@ -16,6 +16,7 @@ import pytest
 
 from browser import CHROMIUM, Browser
 from support import PageHandler, http_server, run_command, wait_until
+from tcpfwd.vocabulary import AdminState, Policy
 
 # Each would run script in some context of a page that escaped carelessly: a quote
 # closing a JavaScript string in an inline handler, a tag, an attribute breakout, a
@@ -37,7 +38,7 @@ def hostile_status() -> dict[str, object]:
             "name": name,
             "address": f"[fe80::1%{name}]:25",
             "health": "up",
-            "admin_state": "enabled",
+            "admin_state": AdminState.ENABLED,
             "active": 0,
             "sessions_total": 1,
             "failed_attempts": 0,
@@ -59,7 +60,7 @@ def hostile_status() -> dict[str, object]:
             {
                 "name": HOSTILE[0],
                 "listen": [HOSTILE[2]],
-                "policy": "failover",
+                "policy": Policy.FAILOVER,
                 "active": 0,
                 "sessions_total": 1,
                 "ends": {},

@@ -57,6 +57,7 @@ from tcpfwd.transparent import (
     IPV6_TRANSPARENT,
     transparent_socket,
 )
+from tcpfwd.vocabulary import End, Outcome
 
 RECIPE = ROOT / "docs" / "transparent.md"
 HOST_PORTS = (42000, 42999)
@@ -282,7 +283,7 @@ def test_backend_sees_the_client_address_and_a_port_of_the_tcpfwd_host(
     assert record["client"] == hostport(net.client_ip, client_port)
     assert record["local"] == own
     assert record["transparent"] == "1"
-    assert record["end"] == "client_closed"
+    assert record["end"] == End.CLIENT_CLOSED
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -326,8 +327,8 @@ def test_failover_from_a_dead_first_backend_keeps_the_client_address(lab, tmp_pa
     assert seen[0] == net.client_ip
     assert in_range(seen[1], HOST_PORTS)
     assert [(a["address"], a["outcome"]) for a in record["attempts"]] == [
-        (dead, "refused"),
-        (alive, "ok"),
+        (dead, Outcome.REFUSED),
+        (alive, Outcome.OK),
     ]
     assert record["transparent"] is True
     assert record["local_address"] == hostport(net.client_ip, seen[1])
@@ -399,9 +400,9 @@ def test_unroutable_client_address_fails_the_attempt_within_the_connect_timeout(
         proxy.kill()
         server.close()
     assert 0.9 < waited < 5, waited
-    assert record["end"] == "no_backend"
+    assert record["end"] == End.NO_BACKEND
     (failure,) = failed_attempts(record)
-    assert failure.startswith(f"{backend}/timeout/")
+    assert failure.startswith(f"{backend}/{Outcome.TIMEOUT}/")
     assert record["transparent"] == "0"
     assert server.peers == []
 
@@ -523,7 +524,7 @@ def test_failed_transparent_bind_is_an_attempt_failure_that_leaves_the_backend_u
         assert first.accepted == 0
     for record in records:
         (failure,) = failed_attempts(record)
-        assert failure.startswith(f"{first.address}/transparent_bind/")
+        assert failure.startswith(f"{first.address}/{Outcome.TRANSPARENT_BIND}/")
         assert record["backend_addr"] == second.address
         assert record["transparent"] == "0"
     assert not [e for e in proxy.events if " is down" in e], proxy.events

@@ -42,6 +42,7 @@ from support import (
     wait_until_async,
     write_config,
 )
+from tcpfwd.vocabulary import AdminState
 from tcpfwd.workerprocess import WorkerProcess
 
 
@@ -264,7 +265,7 @@ def test_admin_actions_reach_every_worker(supervised, tmp_path):
         assert {r["backend"] for r in records} == {"b"}
         assert len({r["session"].split("-")[0] for r in records}) == 2
         backend_a = get_json(url + "/status")["services"][0]["backends"][0]
-        assert backend_a["admin_state"] == "disabled"
+        assert backend_a["admin_state"] == AdminState.DISABLED
         assert proxy.stop() == 0
 
 

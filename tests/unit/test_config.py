@@ -20,6 +20,7 @@ from tcpfwd.config import (
     parse_duration,
     quick_config,
 )
+from tcpfwd.vocabulary import RelayMode
 
 
 @pytest.mark.parametrize(
@@ -249,7 +250,7 @@ def test_quick_mode_builds_one_default_service():
 
 
 def test_relay_is_auto_by_default_and_each_service_may_force_one():
-    assert ServiceSettings().relay == "auto"
+    assert ServiceSettings().relay == RelayMode.AUTO
     config = parse_config(
         {
             "defaults": {"relay": "copy"},
@@ -258,7 +259,7 @@ def test_relay_is_auto_by_default_and_each_service_may_force_one():
         "t",
     )
     a, b = config.services
-    assert (a.settings.relay, b.settings.relay) == ("copy", "splice")
+    assert (a.settings.relay, b.settings.relay) == (RelayMode.COPY, RelayMode.SPLICE)
     assert config_issues({"services": {"a": service(relay="zerocopy")}}) == [
         "services.a.relay: 'zerocopy' is not one of: auto, splice, copy"
     ]

@@ -17,6 +17,7 @@ from tcpfwd.config import (
     parse_config,
     quick_config,
 )
+from tcpfwd.vocabulary import CheckKind, Policy
 
 
 def document(extra: dict[str, Any], defaults: dict[str, Any] | None) -> dict[str, Any]:
@@ -39,8 +40,8 @@ def issues(extra: dict[str, Any], defaults: dict[str, Any] | None = None) -> lis
 
 def test_defaults_passive_health_on_no_active_check_no_greeting_no_hold():
     settings = parsed().settings
-    assert settings.policy == "failover"
-    assert settings.health == HealthSettings(passive=True, fall=1, rise=2, check="none")
+    assert settings.policy == Policy.FAILOVER
+    assert settings.health == HealthSettings(passive=True, fall=1, rise=2, check=CheckKind.NONE)
     assert settings.health.interval == 2.0
     assert settings.greeting is None
     assert settings.hold_timeout is None
@@ -67,14 +68,14 @@ def test_backend_tables_carry_tier_weight_limit_and_health_overrides():
     mx1, mx2 = config.backends
     assert (mx1.name, mx1.tier, mx1.weight, mx1.max_connections) == ("mx1", 1, 3, 50)
     # Overrides key by key: the service's interval stays.
-    assert (mx1.health.check, mx1.health.rise, mx1.health.interval) == ("smtp", 3, 1.0)
+    assert (mx1.health.check, mx1.health.rise, mx1.health.interval) == (CheckKind.SMTP, 3, 1.0)
     assert (mx2.tier, mx2.weight, mx2.max_connections) == (0, 1, None)
-    assert (mx2.health.check, mx2.health.interval) == ("tcp", 1.0)
+    assert (mx2.health.check, mx2.health.interval) == (CheckKind.TCP, 1.0)
 
 
 def test_health_inherits_from_defaults_key_by_key():
     config = parsed({"health": {"fall": 3}}, defaults={"health": {"check": "tcp", "rise": 5}})
-    assert (config.settings.health.check, config.settings.health.rise) == ("tcp", 5)
+    assert (config.settings.health.check, config.settings.health.rise) == (CheckKind.TCP, 5)
     assert config.backends[0].health.fall == 3
 
 
@@ -95,7 +96,7 @@ def test_hold_timeout_policy_and_dns_ttl():
     settings = parsed({"hold_timeout": "45s", "policy": "least-connections", "dns_ttl": 0}).settings
     assert (settings.hold_timeout, settings.policy, settings.dns_ttl) == (
         45.0,
-        "least-connections",
+        Policy.LEAST_CONNECTIONS,
         0.0,
     )
     assert parsed({"hold_timeout": "off"}).settings.hold_timeout is None
@@ -189,10 +190,10 @@ def test_quick_mode_flags_become_service_settings():
         },
     )
     settings = config.services[0].settings
-    assert settings.policy == "random"
+    assert settings.policy == Policy.RANDOM
     assert settings.hold_timeout == 5.0
     assert settings.greeting is not None and settings.greeting.preset == "smtp"
-    assert (settings.health.check, settings.health.passive) == ("smtp", False)
+    assert (settings.health.check, settings.health.passive) == (CheckKind.SMTP, False)
 
 
 def test_every_config_example_in_the_failover_docs_is_valid():

@@ -18,6 +18,7 @@ from tcpfwd.health import (
     Transition,
     shown_state,
 )
+from tcpfwd.vocabulary import Outcome
 
 UP = HealthState.UP
 DOWN = HealthState.DOWN
@@ -50,8 +51,8 @@ def test_one_failure_marks_down_with_the_default_fall_of_one() -> None:
 
 def test_goes_down_only_after_fall_consecutive_failures() -> None:
     health = BackendHealth(fall=3)
-    assert health.observe_failure("passive", "refused", 1.0) is None
-    assert health.observe_failure("passive", "refused", 2.0) is None
+    assert health.observe_failure("passive", Outcome.REFUSED, 1.0) is None
+    assert health.observe_failure("passive", Outcome.REFUSED, 2.0) is None
     assert health.state is UP
     transition = health.observe_failure("passive", "timed out", 3.0)
     assert transition is not None
@@ -61,26 +62,26 @@ def test_goes_down_only_after_fall_consecutive_failures() -> None:
 
 def test_passive_and_check_failures_both_count_towards_fall() -> None:
     health = BackendHealth(fall=2)
-    assert health.observe_failure("check", "refused", 1.0) is None
-    transition = health.observe_failure("passive", "refused", 2.0)
+    assert health.observe_failure("check", Outcome.REFUSED, 1.0) is None
+    transition = health.observe_failure("passive", Outcome.REFUSED, 2.0)
     assert transition is not None
     assert transition.source is Source.PASSIVE
 
 
 def test_success_resets_the_failure_count() -> None:
     health = BackendHealth(fall=3)
-    health.observe_failure("passive", "refused", 1.0)
-    health.observe_failure("passive", "refused", 2.0)
+    health.observe_failure("passive", Outcome.REFUSED, 1.0)
+    health.observe_failure("passive", Outcome.REFUSED, 2.0)
     health.observe_success("passive", 3.0)
     assert health.consecutive_failures == 0
-    assert health.observe_failure("passive", "refused", 4.0) is None
-    assert health.observe_failure("passive", "refused", 5.0) is None
+    assert health.observe_failure("passive", Outcome.REFUSED, 4.0) is None
+    assert health.observe_failure("passive", Outcome.REFUSED, 5.0) is None
     assert health.state is UP
 
 
 def test_going_down_is_reported_exactly_once() -> None:
     health = BackendHealth(fall=2)
-    results = [health.observe_failure("check", "refused", float(t)) for t in range(6)]
+    results = [health.observe_failure("check", Outcome.REFUSED, float(t)) for t in range(6)]
     assert [r is not None for r in results] == [False, True, False, False, False, False]
     assert health.consecutive_failures == 6
 
@@ -103,7 +104,7 @@ def test_down_backend_needs_rise_consecutive_successful_checks() -> None:
 def test_failure_resets_the_success_count_while_down() -> None:
     health = down_backend(rise=2)
     health.observe_success("check", 1.0)
-    health.observe_failure("check", "refused", 2.0)
+    health.observe_failure("check", Outcome.REFUSED, 2.0)
     assert health.consecutive_successes == 0
     assert health.observe_success("check", 3.0) is None
     assert health.state is DOWN
@@ -113,7 +114,7 @@ def test_failure_resets_the_success_count_while_down() -> None:
 def test_passive_failure_of_a_last_resort_attempt_also_resets_the_success_count() -> None:
     health = down_backend(rise=2)
     health.observe_success("check", 1.0)
-    health.observe_failure("passive", "refused", 2.0)
+    health.observe_failure("passive", Outcome.REFUSED, 2.0)
     assert health.observe_success("check", 3.0) is None
     assert health.state is DOWN
 
@@ -145,9 +146,9 @@ def test_successes_while_up_change_nothing_but_the_counts() -> None:
 
 def test_last_change_and_reason_record_the_latest_transition() -> None:
     health = BackendHealth()
-    health.observe_failure("passive", "refused", 5.0)
+    health.observe_failure("passive", Outcome.REFUSED, 5.0)
     health.observe_failure("passive", "reset", 6.0)
-    assert (health.last_change, health.last_reason) == (5.0, "refused")
+    assert (health.last_change, health.last_reason) == (5.0, Outcome.REFUSED)
     health.observe_success("passive", 9.0)
     assert (health.last_change, health.last_reason) == (9.0, "connection succeeded")
 
@@ -171,7 +172,7 @@ def test_checks_update_the_last_check_fields() -> None:
 def test_passive_observations_leave_the_last_check_fields_alone() -> None:
     health = BackendHealth()
     health.observe_success("passive", 1.0, "detail")
-    health.observe_failure("passive", "refused", 2.0)
+    health.observe_failure("passive", Outcome.REFUSED, 2.0)
     assert (health.last_check_ok, health.last_check_at, health.last_check_detail) == (
         None,
         None,
@@ -181,7 +182,7 @@ def test_passive_observations_leave_the_last_check_fields_alone() -> None:
 
 def test_snapshot_is_json_serialisable_and_complete() -> None:
     health = BackendHealth(rise=3, fall=2)
-    health.observe_failure("check", "refused", 1.5)
+    health.observe_failure("check", Outcome.REFUSED, 1.5)
     snap = json.loads(json.dumps(health.snapshot()))
     assert snap == {
         "state": "up",
@@ -193,7 +194,7 @@ def test_snapshot_is_json_serialisable_and_complete() -> None:
         "last_reason": None,
         "last_check_ok": False,
         "last_check_at": 1.5,
-        "last_check_detail": "refused",
+        "last_check_detail": Outcome.REFUSED,
     }
 
 
@@ -213,7 +214,7 @@ def test_force_to_the_current_state_reports_nothing() -> None:
 
 def test_force_resets_both_counts() -> None:
     health = BackendHealth(fall=3)
-    health.observe_failure("passive", "refused", 1.0)
+    health.observe_failure("passive", Outcome.REFUSED, 1.0)
     health.force(UP, "operator says so", 2.0)
     assert (health.consecutive_failures, health.consecutive_successes) == (0, 0)
 
@@ -227,14 +228,14 @@ def test_forced_down_backend_comes_back_after_rise_good_checks() -> None:
 
 
 def test_source_may_be_given_as_the_enum() -> None:
-    transition = BackendHealth().observe_failure(Source.CHECK, "refused", 1.0)
+    transition = BackendHealth().observe_failure(Source.CHECK, Outcome.REFUSED, 1.0)
     assert transition is not None
     assert transition.source == "check"
 
 
 def test_unknown_source_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown health source"):
-        BackendHealth().observe_failure("pasive", "refused", 1.0)
+        BackendHealth().observe_failure("pasive", Outcome.REFUSED, 1.0)
 
 
 def test_admin_source_is_rejected_by_observations() -> None:
@@ -250,11 +251,11 @@ def test_thresholds_below_one_are_rejected(rise: int, fall: int) -> None:
 
 def test_configure_changes_thresholds_and_keeps_state_and_counts() -> None:
     health = BackendHealth(fall=5)
-    health.observe_failure("passive", "refused", 1.0)
-    health.observe_failure("passive", "refused", 2.0)
+    health.observe_failure("passive", Outcome.REFUSED, 1.0)
+    health.observe_failure("passive", Outcome.REFUSED, 2.0)
     health.configure(rise=4, fall=2)
     assert (health.state, health.consecutive_failures) == (UP, 2)
-    assert health.observe_failure("passive", "refused", 3.0) is not None
+    assert health.observe_failure("passive", Outcome.REFUSED, 3.0) is not None
     assert health.rise == 4
 
 
@@ -284,7 +285,7 @@ def test_table_ensure_can_create_a_backend_down() -> None:
 def test_table_ensure_updates_thresholds_but_keeps_state() -> None:
     table: HealthTable[str] = HealthTable()
     health = table.ensure("a", rise=2, fall=1)
-    health.observe_failure("passive", "refused", 1.0)
+    health.observe_failure("passive", Outcome.REFUSED, 1.0)
     again = table.ensure("a", rise=5, fall=3)
     assert again is health
     assert (again.state, again.rise, again.fall) == (DOWN, 5, 3)
@@ -293,7 +294,7 @@ def test_table_ensure_updates_thresholds_but_keeps_state() -> None:
 def test_table_retain_keeps_state_of_surviving_keys_and_drops_the_rest() -> None:
     table: HealthTable[tuple[str, str]] = HealthTable()
     kept = table.ensure(("web", "a"))
-    kept.observe_failure("check", "refused", 1.0)
+    kept.observe_failure("check", Outcome.REFUSED, 1.0)
     table.ensure(("web", "b"))
     table.ensure(("db", "a"))
     dropped = table.retain([("web", "a"), ("web", "c")])
@@ -326,14 +327,14 @@ def test_table_items_may_be_iterated_while_the_table_changes() -> None:
 
 def test_table_snapshot_is_json_serialisable_with_tuple_keys() -> None:
     table: HealthTable[tuple[str, str]] = HealthTable()
-    table.ensure(("web", "a")).observe_failure("passive", "refused", 2.0)
+    table.ensure(("web", "a")).observe_failure("passive", Outcome.REFUSED, 2.0)
     table.ensure(("web", "b"))
     snap = json.loads(json.dumps(table.snapshot()))
     assert [(entry["key"], entry["state"]) for entry in snap] == [
         (["web", "a"], "down"),
         (["web", "b"], "up"),
     ]
-    assert snap[0]["last_reason"] == "refused"
+    assert snap[0]["last_reason"] == Outcome.REFUSED
 
 
 # --- against a reference model ----------------------------------------------------------
@@ -437,8 +438,8 @@ def test_a_backend_nothing_was_learnt_about_is_shown_unknown_yet_taken_as_up() -
     ("learn", "shown"),
     [
         (lambda h: h.observe_success("check", 1.0), "up"),
-        (lambda h: h.observe_failure("check", "refused", 1.0), "up"),
-        (lambda h: h.observe_failure("passive", "refused", 1.0), "down"),
+        (lambda h: h.observe_failure("check", Outcome.REFUSED, 1.0), "up"),
+        (lambda h: h.observe_failure("passive", Outcome.REFUSED, 1.0), "down"),
         (lambda h: h.observe_success("passive", 1.0), "up"),
         (lambda h: h.force(UP, "operator", 1.0), "up"),
     ],

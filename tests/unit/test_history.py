@@ -15,6 +15,7 @@ from tcpfwd.history import (
     service_sample,
 )
 from tcpfwd.metrics import ServiceStats
+from tcpfwd.vocabulary import End, Outcome
 
 T0 = 1_000_000.0  # a multiple of STEP: bucket boundaries fall on round numbers
 
@@ -134,14 +135,15 @@ def test_health_is_the_share_of_readings_up_in_each_bucket():
 
 def test_health_changes_keep_the_daemons_time_and_reason():
     history = History()
+    refused = f"{Outcome.REFUSED} (passive)"
     history.record(T0, reading())
-    history.record(T0 + 2, reading(up=False, changed_at=T0 + 1.5, reason="refused (passive)"))
-    history.record(T0 + 3, reading(up=False, changed_at=T0 + 1.5, reason="refused (passive)"))
+    history.record(T0 + 2, reading(up=False, changed_at=T0 + 1.5, reason=refused))
+    history.record(T0 + 3, reading(up=False, changed_at=T0 + 1.5, reason=refused))
     history.record(T0 + 4, reading(up=True, changed_at=T0 + 3.5, reason="2 checks passed"))
     found = history.backend("mail", "a")
     assert found is not None
     assert found["changes"] == [
-        {"at": T0 + 1.5, "health": "down", "reason": "refused (passive)"},
+        {"at": T0 + 1.5, "health": "down", "reason": refused},
         {"at": T0 + 3.5, "health": "up", "reason": "2 checks passed"},
     ]
 
@@ -208,13 +210,15 @@ def test_annotate_adds_the_series_to_each_service_and_backend_of_a_status_docume
 
 def test_a_reading_of_a_service_sums_its_counters():
     stats = ServiceStats()
-    stats.ends.update({"client_closed": 4, "no_backend": 1})
-    stats.backend("a").attempts.update({"refused": 2, "ok": 1})
-    stats.backend("b").attempts.update({"ok": 3, "timeout": 1})
+    stats.ends.update({End.CLIENT_CLOSED: 4, End.NO_BACKEND: 1})
+    stats.backend("a").attempts.update({Outcome.REFUSED: 2, Outcome.OK: 1})
+    stats.backend("b").attempts.update({Outcome.OK: 3, Outcome.TIMEOUT: 1})
     stats.backend("b").sessions = 3
-    sample = service_sample("mail", stats, [("a", False, 12.0, "refused"), ("b", True, None, None)])
+    sample = service_sample(
+        "mail", stats, [("a", False, 12.0, Outcome.REFUSED), ("b", True, None, None)]
+    )
     assert (sample.sessions, sample.failed) == (5, 3)
     assert sample.backends == (
-        BackendSample("a", 0, 2, False, 12.0, "refused"),
+        BackendSample("a", 0, 2, False, 12.0, Outcome.REFUSED),
         BackendSample("b", 3, 1, True, None, None),
     )

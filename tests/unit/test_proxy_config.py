@@ -15,6 +15,7 @@ from tcpfwd.config import (
     parse_config,
     quick_config,
 )
+from tcpfwd.vocabulary import AcceptProxy
 
 
 def parse(**keys: object) -> ServiceConfig:
@@ -28,7 +29,7 @@ def issues(**keys: object) -> list[str]:
 def test_proxy_protocol_is_off_by_default():
     settings = ServiceSettings()
     assert settings.send_proxy is None
-    assert settings.accept_proxy == "off"
+    assert settings.accept_proxy == AcceptProxy.OFF
     assert settings.trusted_sources == ()
     assert settings.proxy_header_timeout == 3.0
     assert parse().backends[0].send_proxy is None
@@ -100,7 +101,9 @@ def test_bad_backend_send_proxy_names_the_backend():
     assert found[0].startswith("services.smtp.backends[0].send_proxy: 'v9'")
 
 
-@pytest.mark.parametrize(("value", "mode"), [(True, "required"), ("optional", "optional")])
+@pytest.mark.parametrize(
+    ("value", "mode"), [(True, AcceptProxy.REQUIRED), ("optional", AcceptProxy.OPTIONAL)]
+)
 def test_accept_proxy_with_trusted_sources(value, mode):
     smtp = parse(accept_proxy=value, trusted_sources=["127.0.0.0/8", "::1", "10.1.2.3"])
     assert smtp.settings.accept_proxy == mode
@@ -159,7 +162,7 @@ def test_quick_mode_takes_the_same_settings():
     )
     settings = config.services[0].settings
     assert settings.send_proxy == SendProxySettings(2, unique_id=True)
-    assert settings.accept_proxy == "optional"
+    assert settings.accept_proxy == AcceptProxy.OPTIONAL
     assert settings.proxy_header_timeout == 1.0
 
 
