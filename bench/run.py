@@ -738,9 +738,11 @@ def start_iperf_server(bench: Bench) -> None:
 TOOLS = {"wrk": "short, keepalive", "iperf3": "bulk", "haproxy": "haproxy", "nginx": "nginx"}
 
 
-def _first_line(argv: Sequence[str]) -> str:
+def _first_line(argv: Sequence[str], env: dict[str, str] | None = None) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=10, check=False, env=env
+        )
     except OSError:
         return "?"
     lines = (done.stdout + done.stderr).strip().splitlines()
@@ -762,7 +764,9 @@ def machine_line(env: dict[str, str]) -> str:
         versions.append(_first_line(["nginx", "-v"]).replace("nginx version: nginx/", "nginx "))
     versions.append(f"Python {platform.python_version()}")
     probe = "import tcpfwd, uvloop; print(tcpfwd.__version__, uvloop.__version__)"
-    tcpfwd_version, _, uvloop_version = _first_line([sys.executable, "-c", probe]).partition(" ")
+    tcpfwd_version, _, uvloop_version = _first_line([sys.executable, "-c", probe], env).partition(
+        " "
+    )
     versions += [f"uvloop {uvloop_version or '?'}", f"tcpfwd {tcpfwd_version}"]
     commit = _first_line(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
     versions.append(f"commit {commit}")
