@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Final
 
 from .reactor import DONTWAIT, EDGE, ERR, HUP, IN, OUT, RDHUP, RawSocket
 from .splice import PipePool, Splicing
-from .vocabulary import End, EndWord, RelayMode
+from .vocabulary import End, EndWord
 
 if TYPE_CHECKING:
     from .reactor import Reactor
@@ -235,14 +235,6 @@ class Relay(Splicing):
             # A full read, or the peer's EOF is waiting behind the bytes: there is more,
             # and no event will say so.
             self._copy(out_of, READS_PER_EVENT - 1, drain=bool(events & RDHUP))
-
-    @property
-    def relay_kind(self) -> str:
-        """How the bytes moved, as the access log names it."""
-        up, down = self.up, self.down
-        if up.received >= up.splice_at or down.received >= down.splice_at:
-            return RelayMode.SPLICE
-        return RelayMode.COPY
 
     def shutdown(self, reason: End = End.SHUTDOWN) -> None:
         """Close both sides now (grace period over, idle timeout, backend disabled)."""

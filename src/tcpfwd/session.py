@@ -66,10 +66,6 @@ _ID_PREFIX: Final = os.urandom(3).hex()
 _next_number = itertools.count(1)
 
 
-def new_session_id() -> str:
-    return f"{_ID_PREFIX}-{next(_next_number):x}"
-
-
 class Session(Relay):
     """One client connection; see the module docstring."""
 
@@ -415,7 +411,7 @@ def _record_of(session: Session, end: EndWord, target: Target | None) -> Session
         relay = _SPLICED if up_bytes >= up.splice_at or down_bytes >= down.splice_at else _COPIED
         transparent = target.config.transparent
     return SessionRecord(
-        f"{_ID_PREFIX}-{session.number:x}",
+        session.session_id,
         time.time() - elapsed,
         shown,
         session.listener.name,
