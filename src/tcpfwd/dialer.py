@@ -140,12 +140,7 @@ class Dial(Hedging):
                 target.stats.active += 1
                 self._addresses = addresses
                 self._next_address = 1
-                attempt = Attempt(self, target, addresses[0], 0)
-                outcome = attempt.start()
-                if outcome is None:
-                    self._attempt = attempt
-                    return
-                if self._settle(outcome, addresses):
+                if self._launch(Attempt(self, target, addresses[0], 0), addresses):
                     return
         self._next()
 
@@ -209,11 +204,7 @@ class Dial(Hedging):
             self._next_address += 1
             attempt = Attempt(self, target, address, self._position)
             attempt.hedge = hedge
-            outcome = attempt.start()
-            if outcome is None:
-                self._attempt = attempt
-                return
-            if self._settle(outcome, addresses):
+            if self._launch(attempt, addresses):
                 return
 
     def _exhausted(self) -> None:
@@ -223,6 +214,15 @@ class Dial(Hedging):
         self.over = True
         self._position = len(self.plan) + 1
         self.owner.dial_failed()
+
+    def _launch(self, attempt: Attempt, addresses: Sequence[HostPort]) -> bool:
+        """Start ``attempt``: True when the sequence now waits (for it, or for a timed
+        retry), False when it failed at once and the next address is due."""
+        outcome = attempt.start()
+        if outcome is None:
+            self._attempt = attempt
+            return True
+        return self._settle(outcome, addresses)
 
     def _settle(self, outcome: str, addresses: Sequence[HostPort]) -> bool:
         """An attempt failed at once: True if the sequence must wait (a retry is timed)."""
